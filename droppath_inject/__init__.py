@@ -1,0 +1,19 @@
+"""Stochastic depth (DropPath) for the residual branches of any PyTorch model."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .errors import DropPathInjectError, TracingError, VerificationError
+
+try:
+    __version__ = version("droppath-inject")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "DropPathInjectError",
+    "TracingError",
+    "VerificationError",
+    "__version__",
+]

@@ -1,0 +1,24 @@
+"""Exceptions raised by droppath_inject.
+
+Every error the package raises on purpose derives from `DropPathInjectError`, so callers (and
+the command line) can catch the package's own failures without swallowing unrelated bugs.
+Invalid arguments keep Python's conventions and raise `ValueError` or `TypeError`.
+"""
+
+from __future__ import annotations
+
+
+class DropPathInjectError(Exception):
+    """Base class of the errors that droppath_inject raises about a model it cannot handle."""
+
+
+class TracingError(DropPathInjectError):
+    """A model, or the part of it that was needed, could not be traced into a graph."""
+
+
+class VerificationError(DropPathInjectError):
+    """The rewritten model's eval outputs differ from the original's; the model was restored."""
+
+
+class ExampleInputError(DropPathInjectError):
+    """No example input could be inferred, or the model failed on the one it was given."""
