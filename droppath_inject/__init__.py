@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .errors import DropPathInjectError, TracingError, VerificationError
+from .layers import DropPath, drop_path
 
 try:
     __version__ = version("droppath-inject")
@@ -12,8 +13,10 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
     __version__ = "0+unknown"
 
 __all__ = [
+    "DropPath",
     "DropPathInjectError",
     "TracingError",
     "VerificationError",
     "__version__",
+    "drop_path",
 ]

@@ -1,0 +1,90 @@
+"""DropPath (stochastic depth) and its functional form.
+
+In training, a residual branch `F(x)` in `x + F(x)` is zeroed with probability `drop_prob`,
+so the block degrades to the identity, and kept branches are scaled by `1 / (1 - drop_prob)`
+so the expected output is unchanged. `mode="row"` decides per sample (timm, torchvision "row");
+`mode="batch"` decides once for the whole batch (Huang et al. 2016, torchvision "batch").
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeAlias
+
+import torch
+from torch import Tensor, nn
+
+Mode: TypeAlias = Literal["row", "batch"]
+MODES: tuple[str, ...] = ("row", "batch")
+
+
+def _check_drop_prob(drop_prob: float) -> None:
+    """Raise ValueError unless `drop_prob` lies in [0, 1]; NaN fails the comparison too."""
+    if not 0.0 <= drop_prob <= 1.0:
+        raise ValueError(f"drop_prob must lie in [0, 1], got {drop_prob!r}")
+
+
+def _check_mode(mode: str) -> None:
+    """Raise ValueError unless `mode` is one of MODES."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _mask_shape(x: Tensor, mode: str) -> tuple[int, ...]:
+    """Shape of the keep mask: `(B, 1, ..., 1)` per sample, or all ones for the whole batch."""
+    if x.ndim == 0:
+        raise ValueError("drop_path needs an input with a batch dimension, got a 0-d tensor")
+    if mode == "row":
+        return (x.shape[0],) + (1,) * (x.ndim - 1)
+    return (1,) * x.ndim
+
+
+def drop_path(
+    x: Tensor,
+    drop_prob: float,
+    training: bool,
+    mode: Mode = "row",
+    scale_by_keep: bool = True,
+) -> Tensor:
+    """Zero `x` per sample (or per batch) with probability `drop_prob` while training.
+
+    Returns `x` itself in eval mode or at rate 0. At rate 1 returns exact zeros that stay
+    connected to autograd with zero gradient (even where `x` holds inf or NaN), so distributed
+    training never sees an unused parameter.
+    """
+    _check_drop_prob(drop_prob)
+    _check_mode(mode)
+    if not training or drop_prob == 0.0:
+        return x
+    shape = _mask_shape(x, mode)
+    if drop_prob == 1.0:  # `where`, not `x * 0`: no NaN from inf, and the layout survives
+        return torch.where(x.new_ones(shape, dtype=torch.bool), 0.0, x)
+    keep_prob = 1.0 - drop_prob
+    mask = x.new_empty(shape).bernoulli_(keep_prob)
+    if scale_by_keep:
+        mask.div_(keep_prob)
+    return x * mask
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch: `x + DropPath(p)(F(x))`.
+
+    `drop_prob` and `mode` are plain attributes, so a schedule may change them between steps;
+    they are checked again on every call.
+    """
+
+    def __init__(
+        self, drop_prob: float = 0.0, mode: Mode = "row", scale_by_keep: bool = True
+    ) -> None:
+        super().__init__()
+        _check_drop_prob(drop_prob)
+        _check_mode(mode)
+        self.drop_prob = drop_prob
+        self.mode = mode
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.drop_prob, self.training, self.mode, self.scale_by_keep)
+
+    def extra_repr(self) -> str:
+        text = f"drop_prob={self.drop_prob:g}, mode={self.mode!r}"
+        return text if self.scale_by_keep else f"{text}, scale_by_keep=False"
