@@ -6,6 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .errors import DropPathInjectError, TracingError, VerificationError
 from .layers import DropPath, drop_path
+from .schedule import drop_rates
 
 try:
     __version__ = version("droppath-inject")
@@ -19,4 +20,5 @@ __all__ = [
     "VerificationError",
     "__version__",
     "drop_path",
+    "drop_rates",
 ]

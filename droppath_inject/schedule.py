@@ -1,0 +1,80 @@
+"""Depth schedules: the drop rate of each residual block, by its position in execution order.
+
+Deeper blocks are dropped more often (Huang et al. 2016): under `"linear"`, block i of L gets
+`max_drop * i / (L - 1)`, so the first block is never dropped and the last gets `max_drop`.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import TypeAlias
+
+Schedule: TypeAlias = str | Callable[[int, int, float], float]
+SCHEDULES: tuple[str, ...] = ("linear", "uniform")
+
+
+def _linear(block_index: int, num_blocks: int, max_drop: float) -> float:
+    """`max_drop * i / (L - 1)`, the ratio taken first so that the last rate is exactly max_drop."""
+    if num_blocks == 1:
+        return 0.0
+    return max_drop * (block_index / (num_blocks - 1))
+
+
+def _uniform(block_index: int, num_blocks: int, max_drop: float) -> float:
+    """The same rate, `max_drop`, for every block."""
+    return max_drop
+
+
+_BUILTIN: dict[str, Callable[[int, int, float], float]] = {
+    "linear": _linear,
+    "uniform": _uniform,
+}
+
+
+def _resolve(schedule: Schedule) -> Callable[[int, int, float], float]:
+    """The rate function a schedule name or callable stands for."""
+    if isinstance(schedule, str):
+        if schedule not in _BUILTIN:
+            raise ValueError(
+                f"unknown schedule {schedule!r}; choose one of {SCHEDULES} or pass a callable "
+                "(block_index, num_blocks, max_drop) -> rate"
+            )
+        return _BUILTIN[schedule]
+    if not callable(schedule):
+        raise TypeError(f"schedule must be a name in {SCHEDULES} or a callable, got {schedule!r}")
+    return schedule
+
+
+def _check_rate(name: str, value: float) -> float:
+    """`value` as a float, or ValueError naming it when it is not a number in [0, 1]."""
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= rate <= 1.0:  # NaN fails the comparison too
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return rate
+
+
+def drop_rates(num_blocks: int, max_drop: float, schedule: Schedule = "linear") -> list[float]:
+    """Drop rate of each of `num_blocks` residual blocks, in execution order.
+
+    `schedule` is `"linear"`, `"uniform"`, or a callable `(block_index, num_blocks, max_drop)`
+    returning a rate; every rate is checked to lie in [0, 1].
+    """
+    if isinstance(num_blocks, bool):
+        raise TypeError(f"num_blocks must be an int, got {num_blocks!r}")
+    try:
+        count = operator.index(num_blocks)
+    except TypeError:
+        raise TypeError(f"num_blocks must be an int, got {num_blocks!r}") from None
+    if count < 0:
+        raise ValueError(f"num_blocks must be >= 0, got {num_blocks!r}")
+    top = _check_rate("max_drop", max_drop)
+    rate_of = _resolve(schedule)
+    rates = []
+    for i in range(count):
+        name = f"the rate of block {i} (of {count}) from schedule {schedule!r}"
+        rates.append(_check_rate(name, rate_of(i, count, top)))
+    return rates
