@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .errors import DropPathInjectError, TracingError, VerificationError
+from .api import find_residuals, inject_droppath
+from .errors import DropPathInjectError, ExampleInputError, TracingError, VerificationError
 from .layers import DropPath, drop_path
+from .report import Report, Site, Skipped
 from .schedule import drop_rates
 
 try:
@@ -16,9 +18,15 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 __all__ = [
     "DropPath",
     "DropPathInjectError",
+    "ExampleInputError",
+    "Report",
+    "Site",
+    "Skipped",
     "TracingError",
     "VerificationError",
     "__version__",
     "drop_path",
     "drop_rates",
+    "find_residuals",
+    "inject_droppath",
 ]

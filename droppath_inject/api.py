@@ -1,0 +1,324 @@
+"""The pipeline: trace -> find residual sites -> schedule rates -> rewrite blocks -> verify.
+
+Blocks are found on a trace of the whole model (or of its largest traceable pieces), then each
+block is traced on its own, with nested blocks kept as calls, and replaced by that trace plus
+DropPath nodes. Nothing is changed until the plan is complete, and every change is undone if
+applying or verifying it fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+from torch import fx, nn
+
+from .errors import ExampleInputError, VerificationError
+from .inputs import (
+    ExampleInputs,
+    infer_example_inputs,
+    positional_arguments,
+    propagate_shapes,
+    run_eval,
+)
+from .layers import MODES, DropPath, Mode
+from .report import Report, Site, Skipped
+from .residuals import ResidualSite, find_residual_sites
+from .schedule import Schedule, drop_rates
+from .surgery import Surgery, build_injected_block
+from .tracing import (
+    drop_path_rate_of,
+    mode_dependent_submodules,
+    trace,
+    trace_pieces,
+    traces_identically_in_both_modes,
+)
+from .verify import Verification, count_elements, outputs_equal
+
+_ROOT_OWNED = (
+    "holds a residual add in its own forward; the model object itself is never replaced "
+    "(so its class and methods survive): move the residual into a submodule to get DropPath"
+)
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
+
+
+@dataclass
+class _Block:
+    """A residual block: its path in the model, its own trace, and the sites found in it."""
+
+    path: str
+    module: nn.Module
+    graph_module: fx.GraphModule
+    sites: list[ResidualSite]
+
+    def drop_path_at(self, site: ResidualSite) -> nn.Module | None:
+        if site.existing_drop_path is None:
+            return None
+        return self.graph_module.get_submodule(site.existing_drop_path)
+
+
+@dataclass
+class _Plan:
+    blocks: list[_Block]
+    skipped: list[Skipped]
+
+
+def _find_owners(model: nn.Module, inputs: ExampleInputs | None) -> tuple[list[str], list[Skipped]]:
+    """Paths of the modules owning residual adds, in execution order, and what was skipped."""
+    pieces, untraceable = trace_pieces(model)
+    skipped = [
+        Skipped(u.path, f"not traceable ({u.reason}); its submodules were traced instead")
+        for u in untraceable
+    ]
+    if inputs is not None:
+        piece_modules = {p.path: model.get_submodule(p.path) for p in pieces}
+        _, captured = run_eval(model, inputs, piece_modules)
+        for piece in pieces:
+            args = captured.get(piece.path)
+            positional = args and positional_arguments(piece_modules[piece.path], args)
+            if positional is not None:
+                propagate_shapes(piece.graph_module, positional)
+    owners: dict[str, None] = {}
+    for piece in pieces:
+        for site in find_residual_sites(piece.graph_module):
+            owners.setdefault(_join(piece.path, site.owner))
+    if "" in owners:
+        del owners[""]
+        skipped.append(Skipped("", _ROOT_OWNED))
+    return list(owners), skipped
+
+
+def _plan_block(
+    model: nn.Module, path: str, nested: list[nn.Module], inputs: ExampleInputs | None
+) -> _Block | Skipped:
+    """Trace one block on its own and find its residual sites there."""
+    module = model.get_submodule(path)
+    try:
+        leaves = nested + mode_dependent_submodules(module, nested)
+        if not traces_identically_in_both_modes(module, leaves):
+            return Skipped(path, "its own forward branches on self.training, which tracing freezes")
+        graph_module = trace(module, leaves)
+    except Exception as error:  # noqa: BLE001 - reported, the block is left as it is
+        return Skipped(path, f"not traceable on its own ({type(error).__name__}: {error})")
+    positional = inputs and positional_arguments(module, inputs)
+    if positional is not None:
+        propagate_shapes(graph_module, positional)
+    sites = [s for s in find_residual_sites(graph_module) if s.owner == ""]
+    if not sites:
+        return Skipped(path, "no residual add found when traced on its own")
+    return _Block(path, module, graph_module, sites)
+
+
+def _plan(model: nn.Module, inputs: ExampleInputs | None) -> _Plan:
+    owners, skipped = _find_owners(model, inputs)
+    captured: dict[str, ExampleInputs] = {}
+    if inputs is not None and owners:
+        _, captured = run_eval(model, inputs, {p: model.get_submodule(p) for p in owners})
+    blocks: list[_Block] = []
+    for path in owners:
+        nested = [model.get_submodule(p) for p in owners if p.startswith(f"{path}.")]
+        planned = _plan_block(model, path, nested, captured.get(path))
+        if isinstance(planned, Skipped):
+            skipped.append(planned)
+        else:
+            blocks.append(planned)
+    return _Plan(blocks, skipped)
+
+
+def _describe(node: fx.Node, block_path: str) -> str:
+    if node.op == "call_module":
+        return _join(block_path, str(node.target))
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', node.target)}()"
+    return node.name
+
+
+def _site_reports(plan: _Plan, rates: list[float]) -> list[Site]:
+    reports = []
+    for index, (block, rate) in enumerate(zip(plan.blocks, rates, strict=True)):
+        for site in block.sites:
+            existing = block.drop_path_at(site)
+            if existing is None:
+                status, site_rate = "injected", rate
+            elif isinstance(existing, DropPath):
+                status, site_rate = "updated", rate
+            else:
+                where = _join(block.path, str(site.existing_drop_path))
+                status = f"existing {where} ({type(existing).__name__})"
+                site_rate = drop_path_rate_of(existing)
+            skip = "identity" if site.skip is site.fork else _describe(site.skip, block.path)
+            reports.append(
+                Site(block.path, index, _describe(site.branch, block.path), skip, site_rate, status)
+            )
+    return reports
+
+
+def _apply(plan: _Plan, rates: list[float], mode: Mode, surgery: Surgery) -> None:
+    """Rewrite every block that needs a new DropPath, outermost first, and update old ones."""
+    order = sorted(range(len(plan.blocks)), key=lambda i: plan.blocks[i].path.count("."))
+    for index in order:
+        block, rate = plan.blocks[index], rates[index]
+        new_sites = []
+        for site in block.sites:
+            existing = block.drop_path_at(site)
+            if existing is None:
+                new_sites.append(site)
+            elif isinstance(existing, DropPath):
+                surgery.set_rate(existing, rate, mode)
+        if new_sites:
+            current = surgery.model.get_submodule(block.path)
+            replacement = build_injected_block(
+                current, block.graph_module.graph, new_sites, rate, mode
+            )
+            surgery.replace(block.path, replacement)
+
+
+def _resolve_inputs(model: nn.Module, example_inputs: Any, required: bool) -> ExampleInputs | None:
+    if example_inputs is not None:
+        return ExampleInputs.from_user(example_inputs)
+    inputs = infer_example_inputs(model)
+    if inputs is None and required:
+        raise ExampleInputError(
+            f"cannot infer an example input for {type(model).__name__} (no conv, linear or "
+            "embedding layer found): pass example_inputs=..., or verify=False to skip verification"
+        )
+    return inputs
+
+
+def _reference_outputs(model: nn.Module, inputs: ExampleInputs) -> Any:
+    try:
+        outputs, _ = run_eval(model, inputs)
+    except Exception as error:
+        raise ExampleInputError(
+            f"{type(model).__name__} failed on the example input {inputs.describe()} "
+            f"({type(error).__name__}: {error}); pass example_inputs that fit the model"
+        ) from error
+    return outputs
+
+
+def find_residuals(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    max_drop: float = 0.1,
+    schedule: Schedule = "linear",
+) -> Report:
+    """Dry run: the residual sites and the rates ``inject_droppath`` would give them.
+
+    The model is not changed. ``example_inputs`` (inferred when omitted, if possible) adds
+    shape checks that reject broadcasting adds.
+    """
+    drop_rates(0, max_drop, schedule)
+    inputs = _resolve_inputs(model, example_inputs, required=False)
+    if inputs is not None:
+        _reference_outputs(model, inputs)
+    plan = _plan(model, inputs)
+    rates = drop_rates(len(plan.blocks), max_drop, schedule)
+    return Report(_site_reports(plan, rates), plan.skipped, len(plan.blocks))
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _first_broken_block(
+    model: nn.Module,
+    plan: _Plan,
+    rates: list[float],
+    mode: Mode,
+    inputs: ExampleInputs,
+    reference: Any,
+) -> str:
+    """The first block whose rewrite alone changes the eval outputs (for the error message)."""
+    for index, block in enumerate(plan.blocks):
+        single = _Plan([block], [])
+        surgery = Surgery(model)
+        try:
+            _apply(single, [rates[index]], mode, surgery)
+            broken = not outputs_equal(reference, run_eval(model, inputs)[0])
+        finally:
+            surgery.undo()
+        if broken:
+            return block.path
+    return "the combination of all blocks"
+
+
+@overload
+def inject_droppath(
+    model: nn.Module,
+    max_drop: float = ...,
+    *,
+    schedule: Schedule = ...,
+    mode: Mode = ...,
+    example_inputs: Any = ...,
+    verify: bool = ...,
+    return_report: Literal[False] = ...,
+) -> nn.Module: ...
+
+
+@overload
+def inject_droppath(
+    model: nn.Module,
+    max_drop: float = ...,
+    *,
+    schedule: Schedule = ...,
+    mode: Mode = ...,
+    example_inputs: Any = ...,
+    verify: bool = ...,
+    return_report: Literal[True],
+) -> tuple[nn.Module, Report]: ...
+
+
+def inject_droppath(
+    model: nn.Module,
+    max_drop: float = 0.1,
+    *,
+    schedule: Schedule = "linear",
+    mode: Mode = "row",
+    example_inputs: Any = None,
+    verify: bool = True,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, Report]:
+    """Put DropPath on every residual branch of ``model``, in place, and return the model.
+
+    Block ``i`` of ``L`` (in execution order) gets ``schedule``'s rate (linear: ``max_drop *
+    i / (L - 1)``); both adds of a block share it. Only the blocks owning residual adds are
+    replaced, by traced copies sharing their parameters, so the model's class, methods and
+    ``state_dict()`` keys are kept. DropPath modules from an earlier call get the new rates;
+    drop paths the model already had (timm ``DropPath``, torchvision ``StochasticDepth``) are
+    reported and keep their own rates. With ``verify`` (the default) eval outputs on
+    ``example_inputs`` (inferred when omitted) must stay bit-identical, or the model is
+    restored and ``VerificationError`` names the block. ``return_report=True`` also returns
+    the ``Report``.
+    """
+    drop_rates(0, max_drop, schedule)
+    _check_mode(mode)
+    inputs = _resolve_inputs(model, example_inputs, required=verify)
+    reference = _reference_outputs(model, inputs) if verify and inputs is not None else None
+    plan = _plan(model, inputs)
+    rates = drop_rates(len(plan.blocks), max_drop, schedule)
+    report = Report(_site_reports(plan, rates), plan.skipped, len(plan.blocks))
+    surgery = Surgery(model)
+    try:
+        _apply(plan, rates, mode, surgery)
+        if inputs is not None and verify:
+            outputs, _ = run_eval(model, inputs)
+            passed = outputs_equal(reference, outputs)
+            report.verification = Verification(passed, count_elements(outputs), inputs.describe())
+            if not passed:
+                surgery.undo()
+                culprit = _first_broken_block(model, plan, rates, mode, inputs, reference)
+                raise VerificationError(
+                    f"eval outputs changed after rewriting {culprit}; the model was restored. "
+                    "Please report this model; inject_droppath(..., verify=False) skips the check"
+                )
+    except BaseException:
+        surgery.undo()
+        raise
+    return (model, report) if return_report else model

@@ -1,0 +1,306 @@
+"""Finding residual adds in an FX graph: which operand is the branch, which the skip.
+
+An add ``a + b`` is a residual when both operands descend from a common fork ``x``, each side
+is a closed region (no tensor it computes from ``x`` is used outside it), and one side, the
+branch, holds a longer chain of weight-bearing ops than the other, the skip. See DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import heapq
+import operator
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .tracing import is_drop_path_module
+
+_ADD_FUNCTIONS = frozenset(
+    {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
+)
+_ADD_METHODS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
+_INPLACE_ADDS = frozenset({operator.iadd, torch.Tensor.add_, "add_", "__iadd__"})
+
+_WEIGHT_FUNCTIONS = frozenset(
+    {
+        F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d,
+        F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+        F.scaled_dot_product_attention, F.multi_head_attention_forward,
+        torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
+        torch.einsum,
+    }
+)  # fmt: skip
+_WEIGHT_METHODS = frozenset({"matmul", "__matmul__", "mm", "bmm"})
+
+_METADATA_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "stride", "is_contiguous", "element_size"})
+
+_NORM_CLASS_NAME = re.compile(r"Norm(\d*d|\d+)?$")  # RmsNorm, LayerNorm2d, GroupNorm1, ...
+_NORM_TYPES = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class ResidualSite:
+    """One residual add in a traced graph.
+
+    ``owner`` is the path (relative to the traced module) of the innermost module whose forward
+    contains the add and both of its sides; ``existing_drop_path`` names a drop-path module
+    already on the branch, if any.
+    """
+
+    add: fx.Node
+    branch: fx.Node
+    skip: fx.Node
+    fork: fx.Node
+    owner: str
+    branch_depth: int
+    skip_depth: int
+    existing_drop_path: str | None
+
+
+def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """The two tensor operands of a plain elementwise add node, or None for anything else."""
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    )
+    if not is_add or "out" in node.kwargs or node.kwargs.get("alpha", 1) != 1:
+        return None
+    operands = list(node.args[:2])
+    if len(operands) == 1 and "other" in node.kwargs:
+        operands.append(node.kwargs["other"])
+    if len(operands) != 2 or len(node.args) > 2:
+        return None
+    a, b = operands
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
+        return None
+    return a, b
+
+
+def is_inplace_add(node: fx.Node) -> bool:
+    """True for ``a.add_(b)`` and ``operator.iadd``, which mutate their first operand."""
+    return node.target in _INPLACE_ADDS
+
+
+class _GraphFacts:
+    """Per-graph lookups shared by every candidate add: topological index, tensor-ness, modules."""
+
+    def __init__(self, graph_module: fx.GraphModule) -> None:
+        self.nodes = list(graph_module.graph.nodes)
+        self.index = {node: i for i, node in enumerate(self.nodes)}
+        self.modules = dict(graph_module.named_modules())
+        self.shapes_known = any("tensor_meta" in n.meta for n in self.nodes)
+        self._tensor: dict[fx.Node, bool] = {}
+
+    def is_tensor(self, node: fx.Node) -> bool:
+        """Whether ``node`` produces tensor data (not a shape, dtype or other metadata)."""
+        if node not in self._tensor:
+            self._tensor[node] = self._compute_is_tensor(node)
+        return self._tensor[node]
+
+    def _compute_is_tensor(self, node: fx.Node) -> bool:
+        if node.op == "output":
+            return False
+        if self.shapes_known:
+            return "tensor_meta" in node.meta
+        if node.op == "call_method" and node.target in _METADATA_METHODS:
+            return False
+        if node.op == "call_function" and node.target is getattr:
+            return node.args[1] not in _METADATA_ATTRIBUTES
+        inputs = node.all_input_nodes
+        if node.op in ("call_function", "call_method") and inputs:
+            return any(self.is_tensor(n) for n in inputs)
+        return True
+
+    def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
+        return [n for n in node.all_input_nodes if self.is_tensor(n)]
+
+    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
+        meta = node.meta.get("tensor_meta")
+        return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+    def has_parameters(self, node: fx.Node) -> bool:
+        """An op that holds or reads parameters: a module with any, or a function of a get_attr."""
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            return not is_drop_path_module(module) and any(True for _ in module.parameters())
+        return self.is_weight_op(node) or any(n.op == "get_attr" for n in node.all_input_nodes)
+
+    def is_weight_op(self, node: fx.Node) -> bool:
+        """Conv, linear, matmul, attention, or a leaf module holding weights (norms excluded)."""
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            if is_drop_path_module(module) or isinstance(module, _NORM_TYPES):
+                return False
+            if _NORM_CLASS_NAME.search(type(module).__name__):
+                return False
+            return any(True for _ in module.parameters())
+        if node.op == "call_function":
+            return node.target in _WEIGHT_FUNCTIONS
+        if node.op == "call_method":
+            return node.target in _WEIGHT_METHODS
+        return False
+
+
+def _latest_common_ancestor(facts: _GraphFacts, a: fx.Node, b: fx.Node) -> fx.Node | None:
+    """The latest node (in topological order) that both ``a`` and ``b`` depend on through tensors.
+
+    Walks backwards from both operands in decreasing topological order and stops as soon as
+    one side has nothing left to explore, so the cost is local to the add's neighbourhood.
+    """
+    marks = {a: 1, b: 2}
+    pending = {1: 1, 2: 1}  # number of queued nodes reachable from each side
+    heap = [-facts.index[a], -facts.index[b]]
+    heapq.heapify(heap)
+    while heap and pending[1] and pending[2]:
+        node = facts.nodes[-heapq.heappop(heap)]
+        mark = marks[node]
+        for side in (1, 2):
+            pending[side] -= bool(mark & side)
+        if mark == 3:
+            return node
+        for parent in facts.tensor_inputs(node):
+            previous = marks.get(parent, 0)
+            if previous | mark == previous:
+                continue
+            marks[parent] = previous | mark
+            for side in (1, 2):
+                pending[side] += bool(mark & side) and not previous & side
+            if not previous:
+                heapq.heappush(heap, -facts.index[parent])
+    return None
+
+
+def _region(facts: _GraphFacts, fork: fx.Node, operand: fx.Node) -> list[fx.Node]:
+    """Nodes computed from ``fork`` on the way to ``operand`` (inclusive), in topological order."""
+    if operand is fork:
+        return []
+    start = facts.index[fork]
+    ancestors = {operand}
+    stack = [operand]
+    while stack:
+        for parent in facts.tensor_inputs(stack.pop()):
+            if facts.index[parent] > start and parent not in ancestors:
+                ancestors.add(parent)
+                stack.append(parent)
+    region: list[fx.Node] = []
+    members = {fork}
+    for node in sorted(ancestors, key=facts.index.__getitem__):
+        if any(parent in members for parent in facts.tensor_inputs(node)):
+            members.add(node)
+            region.append(node)
+    return region
+
+
+def _is_closed(facts: _GraphFacts, region: list[fx.Node], add: fx.Node) -> bool:
+    """No tensor computed inside ``region`` is used outside it except by ``add``."""
+    inside = set(region)
+    inside.add(add)
+    return all(
+        user in inside or not facts.is_tensor(user) for node in region for user in node.users
+    )
+
+
+def _chain_depth(
+    facts: _GraphFacts, fork: fx.Node, region: list[fx.Node], counts: Callable[[fx.Node], bool]
+) -> int:
+    """Length of the longest chain of ``counts`` ops from ``fork`` to the region's last node."""
+    depth = {fork: 0}
+    for node in region:
+        parents = [depth[p] for p in facts.tensor_inputs(node) if p in depth]
+        depth[node] = max(parents) + counts(node)
+    return depth[region[-1]] if region else 0
+
+
+def _module_path(node: fx.Node) -> list[str]:
+    return [qualname for qualname, _ in node.meta.get("nn_module_stack", {}).values()]
+
+
+def _common_owner(nodes: Iterable[fx.Node]) -> str:
+    """The innermost module path that every node's module stack passes through."""
+    common: list[str] | None = None
+    for node in nodes:
+        path = _module_path(node)
+        if common is None:
+            common = path
+            continue
+        length = 0
+        while length < min(len(common), len(path)) and common[length] == path[length]:
+            length += 1
+        common = common[:length]
+    return common[-1] if common else ""
+
+
+def _same_shape(facts: _GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> bool:
+    if not facts.shapes_known:
+        return True
+    shapes = {facts.shape(add), facts.shape(a), facts.shape(b)}
+    return len(shapes) == 1 and None not in shapes
+
+
+def _classify(facts: _GraphFacts, add: fx.Node) -> ResidualSite | None:
+    operands = add_operands(add)
+    if operands is None or not all(facts.is_tensor(n) for n in operands):
+        return None
+    a, b = operands
+    if not _same_shape(facts, add, a, b):
+        return None
+    fork = _latest_common_ancestor(facts, a, b)
+    if fork is None:
+        return None
+    region_a, region_b = _region(facts, fork, a), _region(facts, fork, b)
+    if not (_is_closed(facts, region_a, add) and _is_closed(facts, region_b, add)):
+        return None
+    depth_a, depth_b = (
+        _chain_depth(facts, fork, r, facts.is_weight_op) for r in (region_a, region_b)
+    )
+    if depth_a == depth_b == 0:  # e.g. a norm + pooling token mixer (PoolFormer) against identity
+        depth_a, depth_b = (
+            _chain_depth(facts, fork, r, facts.has_parameters) for r in (region_a, region_b)
+        )
+    if depth_a == depth_b:
+        return None  # parallel branches of equal weight (RepVGG-style), or no weights at all
+    if depth_a > depth_b:
+        branch, skip, branch_region, skip_region = a, b, region_a, region_b
+    else:
+        branch, skip, branch_region, skip_region = b, a, region_b, region_a
+    if is_inplace_add(add) and branch is operands[0] and len(branch.users) > 1:
+        return None  # the mutated branch is read after the add: no edge to cut
+    existing = next(
+        (
+            str(n.target)
+            for n in branch_region
+            if n.op == "call_module" and is_drop_path_module(facts.modules[n.target])
+        ),
+        None,
+    )
+    return ResidualSite(
+        add=add,
+        branch=branch,
+        skip=skip,
+        fork=fork,
+        owner=_common_owner([add, *branch_region, *skip_region]),
+        branch_depth=max(depth_a, depth_b),
+        skip_depth=min(depth_a, depth_b),
+        existing_drop_path=existing,
+    )
+
+
+def find_residual_sites(graph_module: fx.GraphModule) -> list[ResidualSite]:
+    """Every residual add of ``graph_module`` in execution order.
+
+    Shapes (``node.meta["tensor_meta"]``, from shape propagation) are used when present to
+    reject broadcasting adds; without them the structural rules alone decide.
+    """
+    facts = _GraphFacts(graph_module)
+    sites = (_classify(facts, node) for node in facts.nodes if add_operands(node) is not None)
+    return [site for site in sites if site is not None]

@@ -1,0 +1,186 @@
+"""torch.fx tracing aware of timm/torchvision leaf modules, with a piecewise fallback.
+
+Symbolic tracing reads ``self.training`` once and bakes the branch it took, so modules whose
+own code depends on the mode are kept as leaves: a traced copy then calls them and they keep
+behaving like the original in both modes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx, nn
+
+from .layers import DropPath
+
+#: Class names of drop-path modules from timm, torchvision and the many copies of timm's layer.
+DROP_PATH_CLASS_NAMES = frozenset({"DropPath", "StochasticDepth", "DropPath2d"})
+
+
+def is_drop_path_module(module: nn.Module) -> bool:
+    """True for stochastic depth: ours, timm's ``DropPath``, torchvision's ``StochasticDepth``."""
+    return isinstance(module, DropPath) or type(module).__name__ in DROP_PATH_CLASS_NAMES
+
+
+def drop_path_rate_of(module: nn.Module) -> float:
+    """The rate a drop-path module carries (``drop_prob`` in timm, ``p`` in torchvision)."""
+    for name in ("drop_prob", "p", "drop_rate"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return float("nan")
+
+
+def _integration_leaves() -> tuple[tuple[type, ...], tuple[Callable[..., Any], ...]]:
+    """Leaf module classes and opaque functions that timm and torchvision declare for FX.
+
+    Only packages the user has already imported are consulted, so neither is imported here.
+    """
+    classes: list[type] = []
+    functions: list[Callable[..., Any]] = []
+    if "timm" in sys.modules:
+        from timm.layers import _fx as timm_fx
+
+        classes += timm_fx.get_notrace_modules()
+        functions += [f for f in timm_fx.get_notrace_functions() if callable(f)]
+    if "torchvision" in sys.modules:
+        import torchvision.ops
+
+        classes += [
+            obj
+            for obj in vars(torchvision.ops).values()
+            if isinstance(obj, type) and issubclass(obj, nn.Module)
+        ]
+    return tuple(classes), tuple(functions)
+
+
+class DropPathTracer(fx.Tracer):
+    """An FX tracer that keeps drop-path modules, integration leaves and chosen modules whole.
+
+    ``extra_leaves`` holds module objects (not classes) to call rather than trace through:
+    nested residual blocks and modules whose own code branches on ``self.training``.
+    """
+
+    def __init__(self, extra_leaves: Iterable[nn.Module] = ()) -> None:
+        leaf_classes, functions = _integration_leaves()
+        super().__init__(autowrap_functions=functions, param_shapes_constant=False)
+        self._leaf_classes = leaf_classes
+        self._extra_leaves = {id(m) for m in extra_leaves}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if id(m) in self._extra_leaves or is_drop_path_module(m):
+            return True
+        if self._leaf_classes and isinstance(m, self._leaf_classes):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(module: nn.Module, extra_leaves: Iterable[nn.Module] = ()) -> fx.GraphModule:
+    """Trace ``module`` into a GraphModule that shares its parameters (for analysis)."""
+    tracer = DropPathTracer(extra_leaves)
+    graph = tracer.trace(module)
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+@contextmanager
+def training_mode(module: nn.Module, mode: bool) -> Iterator[None]:
+    """Temporarily set every submodule's ``training`` flag, restoring each one's own flag after."""
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        module.train(mode)
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def graph_signature(graph: fx.Graph) -> str:
+    """The generated Python source of ``graph``: equal for graphs that compute the same thing."""
+    return graph.python_code(root_module="self").src
+
+
+def traces_identically_in_both_modes(
+    module: nn.Module, extra_leaves: Iterable[nn.Module] = ()
+) -> bool:
+    """Whether tracing ``module`` in train mode and in eval mode gives the same graph."""
+    leaves = list(extra_leaves)
+    signatures = []
+    for mode in (True, False):
+        with training_mode(module, mode):
+            signatures.append(graph_signature(trace(module, leaves).graph))
+    return signatures[0] == signatures[1]
+
+
+def _traced_submodules(graph_module: fx.GraphModule) -> list[str]:
+    """Paths of the non-leaf submodules a trace went through, innermost first."""
+    paths: set[str] = set()
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack", {})
+        qualnames = [qualname for qualname, _ in stack.values()]
+        if node.op == "call_module":
+            qualnames = qualnames[:-1]
+        paths.update(qualnames)
+    return sorted(paths, key=lambda p: -p.count("."))
+
+
+def mode_dependent_submodules(
+    module: nn.Module, extra_leaves: Iterable[nn.Module] = ()
+) -> list[nn.Module]:
+    """The innermost traced-through submodules whose own forward differs between train and eval.
+
+    Making them leaves removes every baked ``self.training`` branch below ``module`` itself.
+    """
+    leaves = list(extra_leaves)
+    if traces_identically_in_both_modes(module, leaves):
+        return []
+    found: list[nn.Module] = []
+    for path in _traced_submodules(trace(module, leaves)):
+        submodule = module.get_submodule(path)
+        try:
+            if not traces_identically_in_both_modes(submodule, leaves + found):
+                found.append(submodule)
+        except Exception:  # noqa: BLE001 - a submodule that cannot be traced alone is left to its parent
+            continue
+    return found
+
+
+@dataclass(frozen=True)
+class TracedPiece:
+    """A traceable submodule (``path`` relative to the model, ``""`` for the model itself)."""
+
+    path: str
+    graph_module: fx.GraphModule
+
+
+@dataclass(frozen=True)
+class UntraceableModule:
+    """A module that could not be traced, with the tracer's reason in one line."""
+
+    path: str
+    reason: str
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def trace_pieces(model: nn.Module) -> tuple[list[TracedPiece], list[UntraceableModule]]:
+    """Trace ``model`` whole or, where that fails, its largest traceable submodules."""
+    pieces: list[TracedPiece] = []
+    untraceable: list[UntraceableModule] = []
+
+    def visit(path: str, module: nn.Module) -> None:
+        try:
+            pieces.append(TracedPiece(path, trace(module)))
+        except Exception as error:  # noqa: BLE001 - any failure of the tracer means "try the children"
+            untraceable.append(UntraceableModule(path, _one_line(error)))
+            for name, child in module.named_children():
+                visit(f"{path}.{name}" if path else name, child)
+
+    visit("", model)
+    return pieces, untraceable

@@ -1,0 +1,59 @@
+"""Bitwise comparison of model outputs: tensors, and tuples, lists and dicts of them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The result of comparing eval outputs before and after injection."""
+
+    passed: bool
+    compared_elements: int
+    inputs: str
+
+    def describe(self) -> str:
+        verdict = "bit-identical" if self.passed else "DIFFERENT"
+        return (
+            f"eval outputs {verdict} on input {self.inputs} ({self.compared_elements:,} elements)"
+        )
+
+
+def outputs_equal(expected: Any, actual: Any) -> bool:
+    """``torch.equal`` through nested tuples, lists and dicts; ``==`` for anything else."""
+    if isinstance(expected, Tensor):
+        return (
+            isinstance(actual, Tensor)
+            and expected.dtype == actual.dtype
+            and torch.equal(expected, actual)
+        )
+    if isinstance(expected, Mapping):
+        return (
+            isinstance(actual, Mapping)
+            and expected.keys() == actual.keys()
+            and all(outputs_equal(expected[k], actual[k]) for k in expected)
+        )
+    if isinstance(expected, (tuple, list)):
+        return (
+            type(expected) is type(actual)
+            and len(expected) == len(actual)
+            and all(outputs_equal(e, a) for e, a in zip(expected, actual, strict=True))
+        )
+    return bool(expected == actual)
+
+
+def count_elements(outputs: Any) -> int:
+    """Number of tensor elements in a nested output structure."""
+    if isinstance(outputs, Tensor):
+        return outputs.numel()
+    if isinstance(outputs, Mapping):
+        return sum(count_elements(v) for v in outputs.values())
+    if isinstance(outputs, (tuple, list)):
+        return sum(count_elements(v) for v in outputs)
+    return 0
