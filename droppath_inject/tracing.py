@@ -170,17 +170,22 @@ def _one_line(error: BaseException) -> str:
 
 
 def trace_pieces(model: nn.Module) -> tuple[list[TracedPiece], list[UntraceableModule]]:
-    """Trace ``model`` whole or, where that fails, its largest traceable submodules."""
+    """Trace ``model`` whole or, where that fails, its largest traceable submodules.
+
+    Pieces are traced in eval mode, the mode in which shapes are propagated and outputs
+    verified (train-only paths such as auxiliary heads are left out of the analysis).
+    """
     pieces: list[TracedPiece] = []
     untraceable: list[UntraceableModule] = []
 
     def visit(path: str, module: nn.Module) -> None:
         try:
             pieces.append(TracedPiece(path, trace(module)))
-        except Exception as error:  # noqa: BLE001 - any failure of the tracer means "try the children"
+        except Exception as error:  # noqa: BLE001 - any tracer failure: try the children
             untraceable.append(UntraceableModule(path, _one_line(error)))
             for name, child in module.named_children():
                 visit(f"{path}.{name}" if path else name, child)
 
-    visit("", model)
+    with training_mode(model, False):
+        visit("", model)
     return pieces, untraceable
