@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .api import find_residuals, inject_droppath
+from .control import DropPathScheduler, injected_blocks, remove_droppath, set_drop_rates
 from .errors import DropPathInjectError, ExampleInputError, TracingError, VerificationError
 from .layers import DropPath, drop_path
 from .report import Report, Site, Skipped
@@ -17,6 +18,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 
 __all__ = [
     "DropPath",
+    "DropPathScheduler",
     "DropPathInjectError",
     "ExampleInputError",
     "Report",
@@ -29,4 +31,7 @@ __all__ = [
     "drop_rates",
     "find_residuals",
     "inject_droppath",
+    "injected_blocks",
+    "remove_droppath",
+    "set_drop_rates",
 ]

@@ -25,13 +25,12 @@ from .layers import MODES, DropPath, Mode
 from .report import Report, Site, Skipped
 from .residuals import ResidualSite, find_residual_sites
 from .schedule import Schedule, drop_rates
-from .surgery import Surgery, build_injected_block
+from .surgery import InjectedBlock, Surgery, build_injected_block
 from .tracing import (
     drop_path_rate_of,
     mode_dependent_submodules,
-    trace,
+    trace_in_both_modes,
     trace_pieces,
-    traces_identically_in_both_modes,
 )
 from .verify import Verification, count_elements, outputs_equal
 
@@ -64,18 +63,23 @@ class _Block:
 class _Plan:
     blocks: list[_Block]
     skipped: list[Skipped]
+    reference: Any = None  # eval outputs of the unchanged model, when inputs were given
 
 
-def _find_owners(model: nn.Module, inputs: ExampleInputs | None) -> tuple[list[str], list[Skipped]]:
-    """Paths of the modules owning residual adds, in execution order, and what was skipped."""
+def _find_owners(model: nn.Module, inputs: ExampleInputs | None) -> tuple[list[str], _Plan]:
+    """Paths of the modules owning residual adds, in execution order, and the plan's start.
+
+    With ``inputs``, one eval run gives the reference outputs and each piece's arguments, from
+    which shapes are propagated through the piece's graph.
+    """
     pieces, untraceable = trace_pieces(model)
-    skipped = [
-        Skipped(u.path, f"not traceable ({u.reason}); its submodules were traced instead")
-        for u in untraceable
-    ]
+    plan = _Plan(
+        [], [Skipped(u.path, f"not traceable ({u.reason}); its submodules were traced instead")
+             for u in untraceable]
+    )  # fmt: skip
     if inputs is not None:
         piece_modules = {p.path: model.get_submodule(p.path) for p in pieces}
-        _, captured = run_eval(model, inputs, piece_modules)
+        plan.reference, captured = _reference_run(model, inputs, piece_modules)
         for piece in pieces:
             args = captured.get(piece.path)
             positional = args and positional_arguments(piece_modules[piece.path], args)
@@ -87,8 +91,8 @@ def _find_owners(model: nn.Module, inputs: ExampleInputs | None) -> tuple[list[s
             owners.setdefault(_join(piece.path, site.owner))
     if "" in owners:
         del owners[""]
-        skipped.append(Skipped("", _ROOT_OWNED))
-    return list(owners), skipped
+        plan.skipped.append(Skipped("", _ROOT_OWNED))
+    return list(owners), plan
 
 
 def _plan_block(
@@ -97,12 +101,14 @@ def _plan_block(
     """Trace one block on its own and find its residual sites there."""
     module = model.get_submodule(path)
     try:
-        leaves = nested + mode_dependent_submodules(module, nested)
-        if not traces_identically_in_both_modes(module, leaves):
-            return Skipped(path, "its own forward branches on self.training, which tracing freezes")
-        graph_module = trace(module, leaves)
+        graph_module, same = trace_in_both_modes(module, nested)
+        if not same:
+            leaves = nested + mode_dependent_submodules(module, graph_module, nested)
+            graph_module, same = trace_in_both_modes(module, leaves)
     except Exception as error:  # noqa: BLE001 - reported, the block is left as it is
         return Skipped(path, f"not traceable on its own ({type(error).__name__}: {error})")
+    if not same:
+        return Skipped(path, "its own forward branches on self.training, which tracing freezes")
     positional = inputs and positional_arguments(module, inputs)
     if positional is not None:
         propagate_shapes(graph_module, positional)
@@ -113,19 +119,19 @@ def _plan_block(
 
 
 def _plan(model: nn.Module, inputs: ExampleInputs | None) -> _Plan:
-    owners, skipped = _find_owners(model, inputs)
+    """Everything injection will do, found without changing the model."""
+    owners, plan = _find_owners(model, inputs)
     captured: dict[str, ExampleInputs] = {}
     if inputs is not None and owners:
         _, captured = run_eval(model, inputs, {p: model.get_submodule(p) for p in owners})
-    blocks: list[_Block] = []
     for path in owners:
         nested = [model.get_submodule(p) for p in owners if p.startswith(f"{path}.")]
         planned = _plan_block(model, path, nested, captured.get(path))
         if isinstance(planned, Skipped):
-            skipped.append(planned)
+            plan.skipped.append(planned)
         else:
-            blocks.append(planned)
-    return _Plan(blocks, skipped)
+            plan.blocks.append(planned)
+    return plan
 
 
 def _describe(node: fx.Node, block_path: str) -> str:
@@ -159,22 +165,20 @@ def _site_reports(plan: _Plan, rates: list[float]) -> list[Site]:
 
 
 def _apply(plan: _Plan, rates: list[float], mode: Mode, surgery: Surgery) -> None:
-    """Rewrite every block that needs a new DropPath, outermost first, and update old ones."""
-    order = sorted(range(len(plan.blocks)), key=lambda i: plan.blocks[i].path.count("."))
+    """Rewrite every block that needs a DropPath, outermost first; update injected ones."""
+    num_blocks = len(plan.blocks)
+    order = sorted(range(num_blocks), key=lambda i: plan.blocks[i].path.count("."))
     for index in order:
         block, rate = plan.blocks[index], rates[index]
-        new_sites = []
-        for site in block.sites:
-            existing = block.drop_path_at(site)
-            if existing is None:
-                new_sites.append(site)
-            elif isinstance(existing, DropPath):
-                surgery.set_rate(existing, rate, mode)
+        if isinstance(block.module, InjectedBlock):
+            surgery.update(block.module, rate, mode, (index, num_blocks))
+            continue
+        new_sites = [site for site in block.sites if site.existing_drop_path is None]
         if new_sites:
             current = surgery.model.get_submodule(block.path)
-            replacement = build_injected_block(
-                current, block.graph_module.graph, new_sites, rate, mode
-            )
+            graph = block.graph_module.graph
+            position = (index, num_blocks)
+            replacement = build_injected_block(current, graph, new_sites, rate, mode, position)
             surgery.replace(block.path, replacement)
 
 
@@ -190,15 +194,17 @@ def _resolve_inputs(model: nn.Module, example_inputs: Any, required: bool) -> Ex
     return inputs
 
 
-def _reference_outputs(model: nn.Module, inputs: ExampleInputs) -> Any:
+def _reference_run(
+    model: nn.Module, inputs: ExampleInputs, capture: dict[str, nn.Module]
+) -> tuple[Any, dict[str, ExampleInputs]]:
+    """Eval outputs of the unchanged model, turning a failure into a clear input error."""
     try:
-        outputs, _ = run_eval(model, inputs)
+        return run_eval(model, inputs, capture)
     except Exception as error:
         raise ExampleInputError(
             f"{type(model).__name__} failed on the example input {inputs.describe()} "
             f"({type(error).__name__}: {error}); pass example_inputs that fit the model"
         ) from error
-    return outputs
 
 
 def find_residuals(
@@ -215,8 +221,6 @@ def find_residuals(
     """
     drop_rates(0, max_drop, schedule)
     inputs = _resolve_inputs(model, example_inputs, required=False)
-    if inputs is not None:
-        _reference_outputs(model, inputs)
     plan = _plan(model, inputs)
     rates = drop_rates(len(plan.blocks), max_drop, schedule)
     return Report(_site_reports(plan, rates), plan.skipped, len(plan.blocks))
@@ -228,12 +232,7 @@ def _check_mode(mode: str) -> None:
 
 
 def _first_broken_block(
-    model: nn.Module,
-    plan: _Plan,
-    rates: list[float],
-    mode: Mode,
-    inputs: ExampleInputs,
-    reference: Any,
+    model: nn.Module, plan: _Plan, rates: list[float], mode: Mode, inputs: ExampleInputs
 ) -> str:
     """The first block whose rewrite alone changes the eval outputs (for the error message)."""
     for index, block in enumerate(plan.blocks):
@@ -241,7 +240,7 @@ def _first_broken_block(
         surgery = Surgery(model)
         try:
             _apply(single, [rates[index]], mode, surgery)
-            broken = not outputs_equal(reference, run_eval(model, inputs)[0])
+            broken = not outputs_equal(plan.reference, run_eval(model, inputs)[0])
         finally:
             surgery.undo()
         if broken:
@@ -300,7 +299,6 @@ def inject_droppath(
     drop_rates(0, max_drop, schedule)
     _check_mode(mode)
     inputs = _resolve_inputs(model, example_inputs, required=verify)
-    reference = _reference_outputs(model, inputs) if verify and inputs is not None else None
     plan = _plan(model, inputs)
     rates = drop_rates(len(plan.blocks), max_drop, schedule)
     report = Report(_site_reports(plan, rates), plan.skipped, len(plan.blocks))
@@ -309,11 +307,11 @@ def inject_droppath(
         _apply(plan, rates, mode, surgery)
         if inputs is not None and verify:
             outputs, _ = run_eval(model, inputs)
-            passed = outputs_equal(reference, outputs)
+            passed = outputs_equal(plan.reference, outputs)
             report.verification = Verification(passed, count_elements(outputs), inputs.describe())
             if not passed:
                 surgery.undo()
-                culprit = _first_broken_block(model, plan, rates, mode, inputs, reference)
+                culprit = _first_broken_block(model, plan, rates, mode, inputs)
                 raise VerificationError(
                     f"eval outputs changed after rewriting {culprit}; the model was restored. "
                     "Please report this model; inject_droppath(..., verify=False) skips the check"

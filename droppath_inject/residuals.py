@@ -202,11 +202,16 @@ def _region(facts: _GraphFacts, fork: fx.Node, operand: fx.Node) -> list[fx.Node
 
 
 def _is_closed(facts: _GraphFacts, region: list[fx.Node], add: fx.Node) -> bool:
-    """No tensor computed inside ``region`` is used outside it except by ``add``."""
+    """No tensor computed inside ``region`` is used outside it (or returned) except by ``add``.
+
+    Users that only read metadata (``x.shape``, ``x.size(0)``) are not leaks.
+    """
     inside = set(region)
     inside.add(add)
     return all(
-        user in inside or not facts.is_tensor(user) for node in region for user in node.users
+        user in inside or (user.op != "output" and not facts.is_tensor(user))
+        for node in region
+        for user in node.users
     )
 
 

@@ -58,8 +58,7 @@ def _import(library: str) -> Any:
         return __import__(library)
     except ImportError:
         raise SourceError(
-            f"the spec needs {library}, which is not installed: "
-            f"pip install 'droppath-inject[{library}]'"
+            f"the spec needs {library}, which is not installed: pip install {library}"
         ) from None
 
 

@@ -1,34 +1,91 @@
 """Replacing residual blocks by traced copies with DropPath on their branches, and undoing it.
 
-A replacement is a GraphModule that holds the very same submodules, parameters and buffers as
-the block it stands for (so ``state_dict()`` keys and storage are shared), plus one DropPath
-child per residual branch. Everything is recorded so that a failed injection can be undone.
+A replacement is an ``InjectedBlock``: a GraphModule that holds the very same submodules,
+parameters and buffers as the block it stands for (so ``state_dict()`` keys and storage are
+shared), plus one DropPath child per residual branch. Every change is recorded so that a failed
+injection can be undone, and the original block is remembered for ``remove_droppath``.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from torch import fx, nn
 
 from .layers import DropPath, Mode
 from .residuals import ResidualSite
 
-_STATE_ATTRIBUTES = ("_modules", "_parameters", "_buffers")
+_STRUCTURE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
 
 
-def _share_state(replacement: fx.GraphModule, original: nn.Module) -> None:
-    """Give ``replacement`` exactly ``original``'s children, parameters, buffers and attributes."""
-    for name in _STATE_ATTRIBUTES:
-        setattr(replacement, name, OrderedDict(getattr(original, name)))
-    replacement._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
-    own = vars(replacement)
-    for key, value in vars(original).items():
-        if key not in own or "hook" in key:  # user attributes, and hooks registered on the block
-            own[key] = value
-    replacement.training = original.training
+@dataclass(frozen=True)
+class BlockInfo:
+    """What an injected block remembers: the block it replaced and its place in the schedule."""
+
+    original: nn.Module
+    block_index: int
+    num_blocks: int
+    drop_path_names: tuple[str, ...]
+
+
+class InjectedBlock(fx.GraphModule):
+    """A residual block's traced copy with DropPath on its branches (see ``build_injected_block``).
+
+    It holds the very same children, parameters and buffers as the block it replaced, so
+    ``state_dict()`` keys and storage are shared, and ``droppath_info`` remembers that block.
+    Pickling and deepcopy keep this structure whole, where a plain GraphModule would keep only
+    the attributes its code touches, in generic containers.
+    """
+
+    droppath_info: BlockInfo
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuild, args = super().__reduce__()
+        return (_unpickle_block, (rebuild, args, _structure(vars(self))))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> InjectedBlock:
+        copied = super().__deepcopy__(memo)
+        _adopt(copied, copy.deepcopy(vars(self), memo))
+        return copied
+
+    @property
+    def drop_paths(self) -> list[DropPath]:
+        """The DropPath modules this block was given, one per residual site."""
+        return [getattr(self, name) for name in self.droppath_info.drop_path_names]
+
+
+def _structure(attributes: dict[str, Any]) -> dict[str, Any]:
+    """The attributes that GraphModule's own pickling and copying would drop or rebuild."""
+    return {
+        key: value
+        for key, value in attributes.items()
+        if key in _STRUCTURE or "hook" in key or key == "droppath_info"
+    }
+
+
+def _adopt(target: nn.Module, source: dict[str, Any]) -> None:
+    """Give ``target`` the children, parameters, buffers, hooks and attributes in ``source``."""
+    own = vars(target)
+    for key, value in _structure(source).items():
+        own[key] = copy.copy(value)  # a container of its own, holding the same objects
+    for key, value in source.items():
+        own.setdefault(key, value)
+    target.training = source["training"]
+
+
+def _unpickle_block(
+    rebuild: Callable[..., fx.GraphModule], args: tuple[Any, ...], structure: dict[str, Any]
+) -> InjectedBlock:
+    plain = rebuild(*args)
+    vars(plain).update(structure)
+    class_name = type(structure["droppath_info"].original).__name__
+    block = InjectedBlock(plain, plain.graph, class_name)
+    _adopt(block, vars(plain))
+    return block
 
 
 def _free_name(module: nn.Module, base: str) -> str:
@@ -44,29 +101,51 @@ def build_injected_block(
     sites: Sequence[ResidualSite],
     rate: float,
     mode: Mode,
-) -> fx.GraphModule:
+    position: tuple[int, int],
+) -> InjectedBlock:
     """A traced copy of ``original`` with a DropPath on the branch edge of each site.
 
     ``graph`` is ``original``'s own trace and ``sites`` are residual adds found in it; the
-    graph is copied, so it can serve again (to undo or retry).
+    graph is copied, so it can serve again. ``position`` is (block index, number of blocks).
     """
-    copy = fx.Graph()
+    graph_copy = fx.Graph()
     new_node: dict[fx.Node, fx.Node] = {}
-    copy.output(copy.graph_copy(graph, new_node))
-    replacement = fx.GraphModule(original, copy, type(original).__name__)
-    _share_state(replacement, original)
+    graph_copy.output(graph_copy.graph_copy(graph, new_node))
+    block = InjectedBlock(original, graph_copy, type(original).__name__)
+    _adopt(block, vars(original))
+    names = []
     for site in sites:
-        name = _free_name(replacement, "drop_path_injected")
+        name = _free_name(block, "drop_path_injected")
         drop = DropPath(rate, mode)
-        drop.train(original.training)
-        replacement.add_module(name, drop)
+        drop.training = original.training
+        block.add_module(name, drop)
+        names.append(name)
         branch, add = new_node[site.branch], new_node[site.add]
-        with copy.inserting_after(branch):
-            dropped = copy.call_module(name, (branch,))
+        with graph_copy.inserting_after(branch):
+            dropped = graph_copy.call_module(name, (branch,))
         add.replace_input_with(branch, dropped)
-    replacement.graph.lint()
-    replacement.recompile()
-    return replacement
+    block.droppath_info = BlockInfo(original, *position, tuple(names))
+    block.graph.lint()
+    block.recompile()
+    return block
+
+
+def restore_original(block: InjectedBlock) -> nn.Module:
+    """The block ``block`` replaced, given ``block``'s current children, parameters and buffers.
+
+    Children replaced since injection (nested blocks, user changes) and moved buffers are kept;
+    only the DropPath modules injected here are left out.
+    """
+    info = block.droppath_info
+    original = info.original
+    original._modules = OrderedDict(
+        (name, child) for name, child in block._modules.items() if name not in info.drop_path_names
+    )
+    original._parameters = OrderedDict(block._parameters)
+    original._buffers = OrderedDict(block._buffers)
+    original._non_persistent_buffers_set = set(block._non_persistent_buffers_set)
+    original.training = block.training
+    return original
 
 
 @dataclass
@@ -75,7 +154,9 @@ class Surgery:
 
     model: nn.Module
     _swaps: list[tuple[str, nn.Module]] = field(default_factory=list)
-    _rates: list[tuple[DropPath, float, str]] = field(default_factory=list)
+    _updates: list[tuple[InjectedBlock, BlockInfo, list[tuple[float, Mode]]]] = field(
+        default_factory=list
+    )
 
     def replace(self, path: str, replacement: nn.Module) -> None:
         """Put ``replacement`` at ``path`` (a dotted submodule path, never the model itself)."""
@@ -84,17 +165,25 @@ class Surgery:
         self._swaps.append((path, parent.get_submodule(name)))
         setattr(parent, name, replacement)
 
-    def set_rate(self, drop: DropPath, rate: float, mode: Mode) -> None:
-        """Update an already injected DropPath in place."""
-        self._rates.append((drop, drop.drop_prob, drop.mode))
-        drop.drop_prob, drop.mode = rate, mode
+    def update(
+        self, block: InjectedBlock, rate: float, mode: Mode, position: tuple[int, int]
+    ) -> None:
+        """Give an already injected block a new rate, mode and place in the schedule."""
+        before = [(drop.drop_prob, drop.mode) for drop in block.drop_paths]
+        self._updates.append((block, block.droppath_info, before))
+        for drop in block.drop_paths:
+            drop.drop_prob, drop.mode = rate, mode
+        index, count = position
+        block.droppath_info = replace(block.droppath_info, block_index=index, num_blocks=count)
 
     def undo(self) -> None:
-        """Restore every replaced module and rate, last change first."""
+        """Restore every replaced module and updated block, last change first."""
         for path, original in reversed(self._swaps):
             parent_path, _, name = path.rpartition(".")
             setattr(self.model.get_submodule(parent_path), name, original)
-        for drop, rate, mode in reversed(self._rates):
-            drop.drop_prob, drop.mode = rate, mode
+        for block, info, before in reversed(self._updates):
+            for drop, (rate, mode) in zip(block.drop_paths, before, strict=True):
+                drop.drop_prob, drop.mode = rate, mode
+            block.droppath_info = info
         self._swaps.clear()
-        self._rates.clear()
+        self._updates.clear()

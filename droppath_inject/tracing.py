@@ -68,6 +68,9 @@ class DropPathTracer(fx.Tracer):
     def __init__(self, extra_leaves: Iterable[nn.Module] = ()) -> None:
         leaf_classes, functions = _integration_leaves()
         super().__init__(autowrap_functions=functions, param_shapes_constant=False)
+        # Ops on buffers (``~self.mask``, ``self.scale.exp()``) stay in the graph: traced
+        # eagerly they would become frozen constants stored on the module.
+        self.proxy_buffer_attributes = True
         self._leaf_classes = leaf_classes
         self._extra_leaves = {id(m) for m in extra_leaves}
 
@@ -103,16 +106,17 @@ def graph_signature(graph: fx.Graph) -> str:
     return graph.python_code(root_module="self").src
 
 
-def traces_identically_in_both_modes(
+def trace_in_both_modes(
     module: nn.Module, extra_leaves: Iterable[nn.Module] = ()
-) -> bool:
-    """Whether tracing ``module`` in train mode and in eval mode gives the same graph."""
+) -> tuple[fx.GraphModule, bool]:
+    """Trace ``module`` in train and in eval mode: the eval trace, and whether both agree."""
     leaves = list(extra_leaves)
-    signatures = []
+    traces = []
     for mode in (True, False):
         with training_mode(module, mode):
-            signatures.append(graph_signature(trace(module, leaves).graph))
-    return signatures[0] == signatures[1]
+            traces.append(trace(module, leaves))
+    same = graph_signature(traces[0].graph) == graph_signature(traces[1].graph)
+    return traces[1], same
 
 
 def _traced_submodules(graph_module: fx.GraphModule) -> list[str]:
@@ -128,23 +132,22 @@ def _traced_submodules(graph_module: fx.GraphModule) -> list[str]:
 
 
 def mode_dependent_submodules(
-    module: nn.Module, extra_leaves: Iterable[nn.Module] = ()
+    module: nn.Module, graph_module: fx.GraphModule, extra_leaves: Iterable[nn.Module] = ()
 ) -> list[nn.Module]:
-    """The innermost traced-through submodules whose own forward differs between train and eval.
+    """The innermost submodules traced through in ``graph_module`` whose own code is mode-dependent.
 
     Making them leaves removes every baked ``self.training`` branch below ``module`` itself.
     """
     leaves = list(extra_leaves)
-    if traces_identically_in_both_modes(module, leaves):
-        return []
     found: list[nn.Module] = []
-    for path in _traced_submodules(trace(module, leaves)):
+    for path in _traced_submodules(graph_module):
         submodule = module.get_submodule(path)
         try:
-            if not traces_identically_in_both_modes(submodule, leaves + found):
-                found.append(submodule)
-        except Exception:  # noqa: BLE001 - a submodule that cannot be traced alone is left to its parent
+            _, same = trace_in_both_modes(submodule, leaves + found)
+        except Exception:  # noqa: BLE001 - a submodule untraceable alone is left to its parent
             continue
+        if not same:
+            found.append(submodule)
     return found
 
 
