@@ -265,6 +265,45 @@ def _report_json(
     return json.dumps(data, indent=2) + "\n"
 
 
+def _inject(
+    args: argparse.Namespace, model: nn.Module, inputs: ExampleInputs | None
+) -> tuple[nn.Module, Report]:
+    """``inject_droppath`` with the command's options; its verification hint in CLI terms."""
+    try:
+        return inject_droppath(
+            model,
+            args.max_drop,
+            schedule=args.schedule,
+            mode=args.mode,
+            example_inputs=inputs,
+            verify=not args.no_verify,
+            return_report=True,
+        )
+    except VerificationError as error:
+        raise VerificationError(f"{error} (here: --no-verify)") from None
+
+
+def _inject_and_write(
+    args: argparse.Namespace, model: nn.Module, inputs: ExampleInputs | None, out: Path
+) -> tuple[Report, Verification | None]:
+    """Inject, print the report, then write ``out`` and compare the written model's outputs."""
+    if args.no_verify:
+        reference = None
+    elif inputs is None:
+        raise ExampleInputError(
+            f"cannot infer an input for {type(model).__name__} (no conv, linear or "
+            "embedding layer): pass --input-shape, or --no-verify"
+        )
+    else:
+        reference = _reference_outputs(model, inputs)
+    model, report = _inject(args, model, inputs)
+    print(report.table())
+    written = _write_model(model, out, None if args.no_verify else inputs, reference, args.force)
+    check = "outputs not compared (--no-verify)" if written is None else written.describe()
+    print(f"wrote {out}; reloaded it: {check}")
+    return report, written
+
+
 def run(args: argparse.Namespace) -> None:
     """Load, inject (or plan, with ``--dry-run``), write and re-verify, printing the report."""
     out = None if args.dry_run else _output_path(args)
@@ -272,43 +311,17 @@ def run(args: argparse.Namespace) -> None:
     loaded = load_source(
         args.source, arch=args.arch, weights=args.weights, trust_pickle=args.trust_pickle
     )
-    model = loaded.model
     print(f"source: {loaded.description}")
-    inputs = _example_inputs(model, args.input_shape)
-    written = None
+    inputs = _example_inputs(loaded.model, args.input_shape)
     if args.dry_run:
-        report = find_residuals(model, inputs, max_drop=args.max_drop, schedule=args.schedule)
+        report = find_residuals(
+            loaded.model, inputs, max_drop=args.max_drop, schedule=args.schedule
+        )
         print(report.table())
         print(f"dry run: nothing written (would write {_output_path(args)})")
+        written = None
     else:
-        if args.no_verify:
-            inputs = inputs if args.input_shape else None
-            reference = None
-        elif inputs is None:
-            raise ExampleInputError(
-                f"cannot infer an input for {type(model).__name__} (no conv, linear or "
-                "embedding layer): pass --input-shape, or --no-verify"
-            )
-        else:
-            reference = _reference_outputs(model, inputs)
-        try:
-            model, report = inject_droppath(
-                model,
-                args.max_drop,
-                schedule=args.schedule,
-                mode=args.mode,
-                example_inputs=inputs,
-                verify=not args.no_verify,
-                return_report=True,
-            )
-        except VerificationError as error:
-            raise VerificationError(f"{error} (here: --no-verify)") from None
-        print(report.table())
-        written = _write_model(
-            model, out, None if args.no_verify else inputs, reference, args.force
-        )
-        check = "outputs not compared (--no-verify)" if written is None else written.describe()
-        print(f"wrote {out}; reloaded it: {check}")
+        report, written = _inject_and_write(args, loaded.model, inputs, out)
     if args.json is not None:
         write_text(args.json, _report_json(report, args.source, out, written), overwrite=args.force)
         print(f"wrote report {args.json}")

@@ -9,6 +9,7 @@ says it trusts the file.
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 import pickle
 import zipfile
@@ -54,8 +55,9 @@ def _summary(error: BaseException) -> str:
 
 
 def _import(library: str) -> Any:
+    """Import timm or torchvision only when a spec needs it: they are optional, and slow."""
     try:
-        return __import__(library)
+        return importlib.import_module(library)
     except ImportError:
         raise SourceError(
             f"the spec needs {library}, which is not installed: pip install {library}"

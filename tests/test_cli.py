@@ -393,6 +393,16 @@ BAD_INPUTS = {
         ("model.pt", "--trust-pickle", "--input-shape", "1,5,8,8"),
         4,
     ),
+    "input shape that does not fit, no verify": (
+        save_tiny,
+        ("model.pt", "--trust-pickle", "--no-verify", "--input-shape", "1,5,8,8"),
+        4,
+    ),
+    "input shape that does not fit, dry run": (
+        save_tiny,
+        ("model.pt", "--trust-pickle", "--dry-run", "--input-shape", "1,5,8,8"),
+        4,
+    ),
     "no input can be inferred": (
         lambda d: torch.save(nn.Sequential(nn.ReLU()), d / "model.pt"),
         ("model.pt", "--trust-pickle"),
