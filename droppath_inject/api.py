@@ -25,6 +25,7 @@ from .layers import MODES, DropPath, Mode
 from .report import Report, Site, Skipped
 from .residuals import ResidualSite, find_residual_sites
 from .schedule import Schedule, drop_rates
+from .skipping import describe_plan, plan_cuts
 from .surgery import InjectedBlock, Surgery, build_injected_block
 from .tracing import (
     drop_path_rate_of,
@@ -57,6 +58,15 @@ class _Block:
         if site.existing_drop_path is None:
             return None
         return self.graph_module.get_submodule(site.existing_drop_path)
+
+
+@dataclass(frozen=True)
+class _Rewrite:
+    """How sites are rewritten: DropPath mode, and whether dropped branches skip their work."""
+
+    mode: Mode
+    skip_compute: bool = False
+    gather_batch_norm: bool = False
 
 
 @dataclass
@@ -144,13 +154,18 @@ def _describe(node: fx.Node, block_path: str) -> str:
     return node.name
 
 
-def _site_reports(plan: _Plan, rates: list[float]) -> list[Site]:
+def _site_reports(plan: _Plan, rates: list[float], skip_mode: Mode | None = None) -> list[Site]:
+    """One line per site; ``skip_mode`` says how skipping branches would run, if requested."""
     reports = []
     for index, (block, rate) in enumerate(zip(plan.blocks, rates, strict=True)):
+        new_sites = [site for site in block.sites if site.existing_drop_path is None]
+        cuts = plan_cuts(block.graph_module, new_sites) if skip_mode else {}
         for site in block.sites:
             existing = block.drop_path_at(site)
             if existing is None:
                 status, site_rate = "injected", rate
+                if skip_mode:
+                    status = f"injected, {describe_plan(cuts[site], skip_mode)}"
             elif isinstance(existing, DropPath):
                 status, site_rate = "updated", rate
             else:
@@ -164,21 +179,28 @@ def _site_reports(plan: _Plan, rates: list[float]) -> list[Site]:
     return reports
 
 
-def _apply(plan: _Plan, rates: list[float], mode: Mode, surgery: Surgery) -> None:
+def _apply(plan: _Plan, rates: list[float], rewrite: _Rewrite, surgery: Surgery) -> None:
     """Rewrite every block that needs a DropPath, outermost first; update injected ones."""
     num_blocks = len(plan.blocks)
     order = sorted(range(num_blocks), key=lambda i: plan.blocks[i].path.count("."))
     for index in order:
         block, rate = plan.blocks[index], rates[index]
+        position = (index, num_blocks)
         if isinstance(block.module, InjectedBlock):
-            surgery.update(block.module, rate, mode, (index, num_blocks))
+            surgery.update(block.module, rate, rewrite.mode, position)
             continue
         new_sites = [site for site in block.sites if site.existing_drop_path is None]
         if new_sites:
-            current = surgery.model.get_submodule(block.path)
-            graph = block.graph_module.graph
-            position = (index, num_blocks)
-            replacement = build_injected_block(current, graph, new_sites, rate, mode, position)
+            replacement = build_injected_block(
+                surgery.model.get_submodule(block.path),
+                block.graph_module.graph,
+                new_sites,
+                rate,
+                rewrite.mode,
+                position,
+                rewrite.skip_compute,
+                rewrite.gather_batch_norm,
+            )
             surgery.replace(block.path, replacement)
 
 
@@ -232,14 +254,14 @@ def _check_mode(mode: str) -> None:
 
 
 def _first_broken_block(
-    model: nn.Module, plan: _Plan, rates: list[float], mode: Mode, inputs: ExampleInputs
+    model: nn.Module, plan: _Plan, rates: list[float], rewrite: _Rewrite, inputs: ExampleInputs
 ) -> str:
     """The first block whose rewrite alone changes the eval outputs (for the error message)."""
     for index, block in enumerate(plan.blocks):
         single = _Plan([block], [])
         surgery = Surgery(model)
         try:
-            _apply(single, [rates[index]], mode, surgery)
+            _apply(single, [rates[index]], rewrite, surgery)
             broken = not outputs_equal(plan.reference, run_eval(model, inputs)[0])
         finally:
             surgery.undo()
@@ -257,6 +279,8 @@ def inject_droppath(
     mode: Mode = ...,
     example_inputs: Any = ...,
     verify: bool = ...,
+    skip_compute: bool = ...,
+    gather_batch_norm: bool = ...,
     return_report: Literal[False] = ...,
 ) -> nn.Module: ...
 
@@ -270,6 +294,8 @@ def inject_droppath(
     mode: Mode = ...,
     example_inputs: Any = ...,
     verify: bool = ...,
+    skip_compute: bool = ...,
+    gather_batch_norm: bool = ...,
     return_report: Literal[True],
 ) -> tuple[nn.Module, Report]: ...
 
@@ -282,6 +308,8 @@ def inject_droppath(
     mode: Mode = "row",
     example_inputs: Any = None,
     verify: bool = True,
+    skip_compute: bool = False,
+    gather_batch_norm: bool = False,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, Report]:
     """Put DropPath on every residual branch of ``model``, in place, and return the model.
@@ -295,23 +323,31 @@ def inject_droppath(
     ``example_inputs`` (inferred when omitted) must stay bit-identical, or the model is
     restored and ``VerificationError`` names the block. ``return_report=True`` also returns
     the ``Report``.
+
+    ``skip_compute=True`` makes dropped branches cost nothing: in ``mode="batch"`` a dropped
+    branch is not run; in ``mode="row"`` it runs on the kept samples only, where the branch is
+    sample-independent (BatchNorm in train mode is not: such branches use the mask unless
+    ``gather_batch_norm=True`` accepts batch statistics from the kept samples only). See
+    ``droppath_inject.skipping``.
     """
     drop_rates(0, max_drop, schedule)
     _check_mode(mode)
     inputs = _resolve_inputs(model, example_inputs, required=verify)
     plan = _plan(model, inputs)
     rates = drop_rates(len(plan.blocks), max_drop, schedule)
-    report = Report(_site_reports(plan, rates), plan.skipped, len(plan.blocks))
+    rewrite = _Rewrite(mode, skip_compute, gather_batch_norm)
+    skip_mode = mode if skip_compute else None
+    report = Report(_site_reports(plan, rates, skip_mode), plan.skipped, len(plan.blocks))
     surgery = Surgery(model)
     try:
-        _apply(plan, rates, mode, surgery)
+        _apply(plan, rates, rewrite, surgery)
         if inputs is not None and verify:
             outputs, _ = run_eval(model, inputs)
             passed = outputs_equal(plan.reference, outputs)
             report.verification = Verification(passed, count_elements(outputs), inputs.describe())
             if not passed:
                 surgery.undo()
-                culprit = _first_broken_block(model, plan, rates, mode, inputs)
+                culprit = _first_broken_block(model, plan, rates, rewrite, inputs)
                 raise VerificationError(
                     f"eval outputs changed after rewriting {culprit}; the model was restored. "
                     "Please report this model; inject_droppath(..., verify=False) skips the check"

@@ -58,11 +58,25 @@ def drop_path(
     shape = _mask_shape(x, mode)
     if drop_prob == 1.0:  # `where`, not `x * 0`: no NaN from inf, and the layout survives
         return torch.where(x.new_ones(shape, dtype=torch.bool), 0.0, x)
+    return x * keep_mask(shape, drop_prob, scale_by_keep, x.dtype, x.device)
+
+
+def keep_mask(
+    shape: tuple[int, ...],
+    drop_prob: float,
+    scale_by_keep: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """Random keep mask: 1 (or `1 / keep_prob` when scaling) with probability `1 - drop_prob`."""
     keep_prob = 1.0 - drop_prob
-    mask = x.new_empty(shape).bernoulli_(keep_prob)
-    if scale_by_keep:
-        mask.div_(keep_prob)
-    return x * mask
+    # `rand < keep_prob`, not `bernoulli_(keep_prob)`: torch.compile keeps a changed rate as a
+    # symbolic input of these ops, where bernoulli_ would bake it in and recompile on every change
+    uniform = torch.rand(shape, dtype=torch.promote_types(dtype, torch.float32), device=device)
+    mask = (uniform < keep_prob).to(dtype)
+    if scale_by_keep and keep_prob > 0.0:
+        mask = mask / keep_prob
+    return mask
 
 
 class DropPath(nn.Module):

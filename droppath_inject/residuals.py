@@ -54,14 +54,16 @@ class ResidualSite:
     """One residual add in a traced graph.
 
     ``owner`` is the path (relative to the traced module) of the innermost module whose forward
-    contains the add and both of its sides; ``existing_drop_path`` names a drop-path module
-    already on the branch, if any.
+    contains the add and both of its sides; ``branch_region`` holds the tensor ops computed
+    from the fork on the way to the branch operand (inclusive), in execution order;
+    ``existing_drop_path`` names a drop-path module already on the branch, if any.
     """
 
     add: fx.Node
     branch: fx.Node
     skip: fx.Node
     fork: fx.Node
+    branch_region: tuple[fx.Node, ...]
     owner: str
     branch_depth: int
     skip_depth: int
@@ -293,6 +295,7 @@ def _classify(facts: _GraphFacts, add: fx.Node) -> ResidualSite | None:
         branch=branch,
         skip=skip,
         fork=fork,
+        branch_region=tuple(branch_region),
         owner=_common_owner([add, *branch_region, *skip_region]),
         branch_depth=max(depth_a, depth_b),
         skip_depth=min(depth_a, depth_b),

@@ -9,6 +9,7 @@ injection can be undone, and the original block is remembered for ``remove_dropp
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from torch import fx, nn
 
 from .layers import DropPath, Mode
 from .residuals import ResidualSite
+from .skipping import BranchCut, install_skipping_drop_path, plan_cuts
 
 _STRUCTURE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
 
@@ -88,11 +90,23 @@ def _unpickle_block(
     return block
 
 
-def _free_name(module: nn.Module, base: str) -> str:
+def _free_name(module: nn.Module, base: str, taken: set[str]) -> str:
     name, suffix = base, 1
-    while hasattr(module, name):
+    while hasattr(module, name) or name in taken:
         name, suffix = f"{base}_{suffix}", suffix + 1
     return name
+
+
+def _mapped(site: ResidualSite, new_node: dict[fx.Node, fx.Node]) -> ResidualSite:
+    """``site`` with its nodes replaced by their copies."""
+    return dataclasses.replace(
+        site,
+        add=new_node[site.add],
+        branch=new_node[site.branch],
+        skip=new_node[site.skip],
+        fork=new_node[site.fork],
+        branch_region=tuple(new_node[n] for n in site.branch_region),
+    )
 
 
 def build_injected_block(
@@ -102,29 +116,38 @@ def build_injected_block(
     rate: float,
     mode: Mode,
     position: tuple[int, int],
+    skip_compute: bool = False,
+    gather_batch_norm: bool = False,
 ) -> InjectedBlock:
     """A traced copy of ``original`` with a DropPath on the branch edge of each site.
 
     ``graph`` is ``original``'s own trace and ``sites`` are residual adds found in it; the
     graph is copied, so it can serve again. ``position`` is (block index, number of blocks).
+    With ``skip_compute``, branches that can be cut out get a ``SkippingDropPath`` instead.
     """
     graph_copy = fx.Graph()
     new_node: dict[fx.Node, fx.Node] = {}
     graph_copy.output(graph_copy.graph_copy(graph, new_node))
     block = InjectedBlock(original, graph_copy, type(original).__name__)
     _adopt(block, vars(original))
-    names = []
-    for site in sites:
-        name = _free_name(block, "drop_path_injected")
-        drop = DropPath(rate, mode)
-        drop.training = original.training
-        block.add_module(name, drop)
-        names.append(name)
-        branch, add = new_node[site.branch], new_node[site.add]
-        with graph_copy.inserting_after(branch):
-            dropped = graph_copy.call_module(name, (branch,))
-        add.replace_input_with(branch, dropped)
-    block.droppath_info = BlockInfo(original, *position, tuple(names))
+    mapped = [_mapped(site, new_node) for site in sites]
+    plans = plan_cuts(block, mapped) if skip_compute else {}
+    names: dict[ResidualSite, str] = {}
+    for site in mapped:
+        names[site] = _free_name(block, "drop_path_injected", set(names.values()))
+    for site in mapped:
+        if not isinstance(plans.get(site), BranchCut):
+            drop = DropPath(rate, mode)
+            drop.training = original.training
+            block.add_module(names[site], drop)
+            with graph_copy.inserting_after(site.branch):
+                dropped = graph_copy.call_module(names[site], (site.branch,))
+            site.add.replace_input_with(site.branch, dropped)
+    for site in reversed(mapped):  # later cuts first: an earlier add may feed a later cut
+        plan = plans.get(site)
+        if isinstance(plan, BranchCut):
+            install_skipping_drop_path(block, plan, names[site], rate, mode, gather_batch_norm)
+    block.droppath_info = BlockInfo(original, *position, tuple(names.values()))
     block.graph.lint()
     block.recompile()
     return block

@@ -1,0 +1,243 @@
+"""DropPath that skips the work it throws away: dropped branches are not computed.
+
+timm's and torchvision's DropPath multiply an already computed branch by a zero mask. Here the
+branch of a residual add is cut out of its block's graph into a GraphModule of its own, and a
+``SkippingDropPath`` computes ``skip + DropPath(branch(...))`` itself:
+
+- ``mode="batch"``: a dropped block's branch is not executed at all;
+- ``mode="row"``: the branch runs on the kept samples only (gathered with ``index_select``) and
+  its scaled result is added back with ``index_add``. This needs a sample-independent branch:
+  one holding BatchNorm in train mode (whose batch statistics would change) or reading sizes
+  computed outside it falls back to the mask, unless ``gather_batch_norm`` opts in.
+
+Keep decisions are drawn like ``drop_path`` draws its mask, so under one seed both drop the
+same samples on the CPU; batch-mode decisions are always drawn on the CPU (no device sync).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx, nn
+
+from .layers import DropPath, Mode, drop_path, keep_mask
+from .residuals import ResidualSite, is_inplace_add
+
+
+@dataclass(frozen=True)
+class BranchCut:
+    """The nodes that move into a branch graph, and the outside values the branch reads.
+
+    ``per_sample`` says which inputs have the batch as their first dimension (gathered in row
+    mode); it is None when row mode cannot gather, with the reason in ``row_fallback``.
+    """
+
+    site: ResidualSite
+    nodes: tuple[fx.Node, ...]
+    inputs: tuple[fx.Node, ...]
+    per_sample: tuple[bool, ...] | None
+    row_fallback: str | None
+    batch_norms: tuple[nn.Module, ...]
+
+
+def _data_derived(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes that depend on a forward argument (not only on parameters and constants)."""
+    derived: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(n in derived for n in node.all_input_nodes):
+            derived.add(node)
+    return derived
+
+
+def _sizes_of_tensors(graph: fx.Graph) -> set[fx.Node]:
+    """Non-tensor values read off tensors (``x.shape[0]``, ``x.size(1)``, arithmetic on them)."""
+    sizes: set[fx.Node] = set()
+    for node in graph.nodes:
+        if "tensor_meta" not in node.meta and node.op != "placeholder":
+            inputs = node.all_input_nodes
+            if any("tensor_meta" in n.meta or n in sizes for n in inputs):
+                sizes.add(node)
+    return sizes
+
+
+def _batch_size(node: fx.Node) -> int | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return int(shape[0]) if shape else None
+
+
+def _batch_norms(graph_module: fx.GraphModule, nodes: Sequence[fx.Node]) -> tuple[nn.Module, ...]:
+    """BatchNorm modules the nodes run, directly or inside leaf modules."""
+    return tuple(
+        module
+        for node in nodes
+        if node.op == "call_module"
+        for module in graph_module.get_submodule(str(node.target)).modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    )
+
+
+def cut_branch(graph_module: fx.GraphModule, site: ResidualSite) -> BranchCut | str:
+    """Plan cutting ``site``'s branch out of the graph, or say why it cannot be cut."""
+    graph = graph_module.graph
+    if is_inplace_add(site.add):
+        return "in-place add"
+    moved = set(site.branch_region)
+    order = list(graph.nodes)
+    start, stop = order.index(site.fork), order.index(site.add)
+    for node in order[start + 1 : stop]:  # sizes and views read from the branch's tensors
+        if node not in moved and any(n in moved for n in node.all_input_nodes):
+            moved.add(node)
+    nodes = tuple(n for n in order[start + 1 : stop] if n in moved)
+    if any(user not in moved and user is not site.add for n in nodes for user in n.users):
+        return "a value computed in the branch is used outside it"
+    inputs = [site.fork]
+    for node in nodes:
+        inputs += [n for n in node.all_input_nodes if n not in moved and n not in inputs]
+    batch = _batch_size(site.add)
+    derived = _data_derived(graph)
+    per_sample = tuple(
+        n is site.fork or (n in derived and batch is not None and _batch_size(n) == batch)
+        for n in inputs
+    )
+    row_fallback = None
+    if batch is None:
+        row_fallback = "no shapes (no example input) to tell which inputs are per-sample"
+    elif any(n in derived for n in set(inputs) & _sizes_of_tensors(graph)):
+        row_fallback = "the branch reads sizes computed outside it"
+    return BranchCut(
+        site,
+        nodes,
+        tuple(inputs),
+        None if row_fallback else per_sample,
+        row_fallback,
+        _batch_norms(graph_module, nodes),
+    )
+
+
+def plan_cuts(
+    graph_module: fx.GraphModule, sites: Sequence[ResidualSite]
+) -> dict[ResidualSite, BranchCut | str]:
+    """For each site of one block: how its branch is cut out, or why it keeps a plain mask.
+
+    A branch that contains another site's add (a residual nested in the same forward) keeps
+    the mask, so that every cut moves nodes no other site needs.
+    """
+    plans: dict[ResidualSite, BranchCut | str] = {}
+    for site in sites:
+        if any(other.add in site.branch_region for other in sites):
+            plans[site] = "the branch holds another residual of the block"
+        else:
+            plans[site] = cut_branch(graph_module, site)
+    return plans
+
+
+def describe_plan(plan: BranchCut | str, mode: Mode) -> str:
+    """One phrase for the report: what a dropped branch costs."""
+    if isinstance(plan, str):
+        return f"masks: {plan}"
+    if mode == "batch":
+        return "skips dropped blocks"
+    if plan.per_sample is None:
+        return f"masks in row mode: {plan.row_fallback}"
+    if plan.batch_norms:
+        return "computes kept rows only, but masks while a BatchNorm in it trains"
+    return "computes kept rows only"
+
+
+def branch_module(root: nn.Module, cut: BranchCut) -> fx.GraphModule:
+    """A GraphModule computing the branch from ``cut.inputs``, sharing ``root``'s submodules."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for index, node in enumerate(cut.inputs):
+        env[node] = graph.placeholder(f"{node.name}_{index}")
+    for node in cut.nodes:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(env[cut.site.branch])
+    return fx.GraphModule(root, graph, "Branch")
+
+
+class SkippingDropPath(DropPath):
+    """``skip + DropPath(branch(*inputs))`` that does not compute what it drops.
+
+    The branch is kept as a plain attribute, not a child: its modules belong to the block, so
+    ``state_dict()`` keys stay those of the original model.
+    """
+
+    def __init__(
+        self,
+        branch: fx.GraphModule,
+        cut: BranchCut,
+        drop_prob: float = 0.0,
+        mode: Mode = "row",
+        gather_batch_norm: bool = False,
+    ) -> None:
+        super().__init__(drop_prob, mode)
+        vars(self)["branch"] = branch
+        vars(self)["batch_norms"] = list(cut.batch_norms)
+        self.per_sample = cut.per_sample
+        self.gather_batch_norm = gather_batch_norm
+
+    def forward(self, skip: Tensor, *inputs: object) -> Tensor:  # type: ignore[override]
+        if not self.training or self.drop_prob == 0.0:
+            return skip + self.branch(*inputs)
+        if self.mode == "batch":
+            return self._batch(skip, inputs)
+        if self.per_sample is None or (
+            not self.gather_batch_norm and any(m.training for m in self.batch_norms)
+        ):
+            return skip + drop_path(self.branch(*inputs), self.drop_prob, True, "row")
+        return self._rows(skip, inputs)
+
+    def _keep_mask(self, skip: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        return keep_mask(shape, self.drop_prob, self.scale_by_keep, skip.dtype, device)
+
+    def _batch(self, skip: Tensor, inputs: tuple[object, ...]) -> Tensor:
+        mask = self._keep_mask(skip, (1,) * skip.ndim, torch.device("cpu"))
+        if not mask.any():
+            return skip.clone()  # a new tensor, as the add made: later in-place ops stay safe
+        return skip + self.branch(*inputs) * mask.to(skip.device)
+
+    def _rows(self, skip: Tensor, inputs: tuple[object, ...]) -> Tensor:
+        mask = self._keep_mask(skip, (skip.shape[0],) + (1,) * (skip.ndim - 1), skip.device)
+        kept = mask.view(-1).nonzero().squeeze(1)
+        if kept.numel() == 0:
+            return skip.clone()
+        if kept.numel() == skip.shape[0]:
+            return skip + self.branch(*inputs) * mask
+        gathered = [
+            x.index_select(0, kept) if is_per_sample else x
+            for x, is_per_sample in zip(inputs, self.per_sample or (), strict=True)
+        ]
+        kept_out = self.branch(*gathered) * mask.index_select(0, kept)
+        dtype = torch.promote_types(skip.dtype, kept_out.dtype)
+        return skip.to(dtype).index_add(0, kept, kept_out.to(dtype))
+
+    def extra_repr(self) -> str:
+        how = "whole branch" if self.mode == "batch" else "kept rows"
+        if self.mode == "row" and self.per_sample is None:
+            how = "mask"
+        return f"{super().extra_repr()}, skips={how}"
+
+
+def install_skipping_drop_path(
+    block: fx.GraphModule,
+    cut: BranchCut,
+    name: str,
+    rate: float,
+    mode: Mode,
+    gather_batch_norm: bool,
+) -> None:
+    """Replace the cut's branch nodes and add in ``block``'s graph by one SkippingDropPath call."""
+    drop = SkippingDropPath(branch_module(block, cut), cut, rate, mode, gather_batch_norm)
+    drop.training = block.training
+    block.add_module(name, drop)
+    site, graph = cut.site, block.graph
+    with graph.inserting_before(site.add):
+        call = graph.call_module(name, (site.skip, *cut.inputs))
+    site.add.replace_all_uses_with(call)
+    graph.erase_node(site.add)
+    for node in reversed(cut.nodes):
+        graph.erase_node(node)
