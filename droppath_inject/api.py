@@ -253,6 +253,23 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def _verification_failure(
+    model: nn.Module, plan: _Plan, rates: list[float], rewrite: _Rewrite, inputs: ExampleInputs
+) -> str:
+    """Why verification failed, for the error: a broken block, or an irreproducible model."""
+    if not outputs_equal(plan.reference, run_eval(model, inputs)[0]):
+        return (
+            f"{type(model).__name__} gives different eval outputs on two runs of the same input, "
+            "so bit-identity cannot be checked; the model was restored. Make its eval forward "
+            "deterministic, or pass verify=False"
+        )
+    culprit = _first_broken_block(model, plan, rates, rewrite, inputs)
+    return (
+        f"eval outputs changed after rewriting {culprit}; the model was restored. "
+        "Please report this model; inject_droppath(..., verify=False) skips the check"
+    )
+
+
 def _first_broken_block(
     model: nn.Module, plan: _Plan, rates: list[float], rewrite: _Rewrite, inputs: ExampleInputs
 ) -> str:
@@ -347,11 +364,7 @@ def inject_droppath(
             report.verification = Verification(passed, count_elements(outputs), inputs.describe())
             if not passed:
                 surgery.undo()
-                culprit = _first_broken_block(model, plan, rates, rewrite, inputs)
-                raise VerificationError(
-                    f"eval outputs changed after rewriting {culprit}; the model was restored. "
-                    "Please report this model; inject_droppath(..., verify=False) skips the check"
-                )
+                raise VerificationError(_verification_failure(model, plan, rates, rewrite, inputs))
     except BaseException:
         surgery.undo()
         raise

@@ -55,7 +55,14 @@ def _first_weight_layer(model: nn.Module) -> nn.Module | None:
 
 
 def _image_size(model: nn.Module) -> tuple[int, ...] | None:
-    """Spatial size a model documents: timm ``pretrained_cfg``, torchvision attributes."""
+    """Spatial size a model documents: timm's patch embedding or ``pretrained_cfg``, torchvision.
+
+    timm keeps ``pretrained_cfg`` at the pretrained size when a model is built with another
+    ``img_size``; its patch embedding knows the size the model was built for.
+    """
+    built_for = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(built_for, (tuple, list)) and all(isinstance(v, int) for v in built_for):
+        return tuple(built_for)
     config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(config, Mapping) and "input_size" in config:
         return tuple(config["input_size"][1:])

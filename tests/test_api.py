@@ -1,0 +1,113 @@
+"""inject_droppath and find_residuals at the API surface: inputs, errors, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from torch import Tensor, nn
+
+from droppath_inject import (
+    ExampleInputError,
+    VerificationError,
+    find_residuals,
+    inject_droppath,
+)
+from droppath_inject.inputs import infer_example_inputs
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x)
+
+
+class _Net(nn.Module):
+    def __init__(self, depth: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.blocks = nn.Sequential(*(_Residual() for _ in range(depth)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.stem(x))
+
+
+class _Irreproducible(nn.Module):
+    """A block whose eval output changes on every call (a counter added to it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return x + self.conv(x) + self.calls
+
+
+def test_inferred_input_follows_timm_img_size() -> None:
+    """timm keeps pretrained_cfg at 224 when built for 64: the patch embedding decides."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64)
+    inputs = infer_example_inputs(model)
+    assert inputs is not None and inputs.args[0].shape == (2, 3, 64, 64)
+    _, report = inject_droppath(model, return_report=True)
+    assert report.verification is not None and report.verification.passed
+
+
+def test_inferred_input_uses_first_conv_channels() -> None:
+    inputs = infer_example_inputs(_Net())
+    assert inputs is not None and inputs.args[0].shape == (2, 3, 224, 224)
+
+
+def test_irreproducible_model_is_named_as_the_cause() -> None:
+    model = nn.Sequential(_Irreproducible())
+    before = {name: m for name, m in model.named_modules()}
+    with pytest.raises(VerificationError, match="different eval outputs on two runs"):
+        inject_droppath(model)
+    assert {name: m for name, m in model.named_modules()} == before
+
+
+def test_example_input_that_does_not_fit_is_an_input_error() -> None:
+    with pytest.raises(ExampleInputError, match=r"\(2, 5, 8, 8\)"):
+        inject_droppath(_Net(), example_inputs=torch.randn(2, 5, 8, 8))
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_max_drop_outside_unit_interval_is_rejected(value: float) -> None:
+    with pytest.raises(ValueError, match="max_drop"):
+        inject_droppath(_Net(), value)
+
+
+def test_unknown_mode_is_rejected() -> None:
+    with pytest.raises(ValueError, match="'column'"):
+        inject_droppath(_Net(), mode="column")  # type: ignore[arg-type]
+
+
+def test_report_renders_sites_and_serialises() -> None:
+    model = _Net()
+    x = torch.randn(2, 3, 8, 8)
+    _, report = inject_droppath(model, 0.2, example_inputs=x, return_report=True)
+    table = report.table()
+    assert "3 residual sites in 3 blocks" in table
+    for index, rate in enumerate([0.0, 0.1, 0.2]):
+        assert f"blocks.{index}" in table and f"{rate:.4f}" in table
+    assert "bit-identical on input (2, 3, 8, 8) (512 elements)" in table
+    data = json.loads(json.dumps(report.to_dict()))
+    assert [s["rate"] for s in data["sites"]] == pytest.approx([0.0, 0.1, 0.2])
+    assert data["verification"]["passed"] is True
+
+
+def test_find_residuals_is_a_dry_run() -> None:
+    model = _Net()
+    modules = dict(model.named_modules())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = find_residuals(model, torch.randn(2, 3, 8, 8), max_drop=0.3)
+    assert [s.rate for s in report.sites] == pytest.approx([0.0, 0.15, 0.3])
+    assert dict(model.named_modules()) == modules
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert report.verification is None
