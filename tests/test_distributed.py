@@ -1,0 +1,144 @@
+"""Distributed training of injected models: DDP and FSDP2 over gloo, two real CPU processes.
+
+``ddp_worker.py`` runs as two ranks; each saves its final parameters and every keep decision
+its DropPath modules made. References: the other rank, and the same training replayed in this
+process with each rank's seed and data and averaged gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ddp_worker
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+WORLD_SIZE = 2
+TIMEOUT_S = 300  # a hung collective fails the test instead of hanging CI
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is far faster than contended ones on small machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Run ``ddp_worker.py`` as two gloo ranks; each rank's results by scenario."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    worker = Path(__file__).with_name("ddp_worker.py")
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(rank), str(WORLD_SIZE), str(port), str(out_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in range(WORLD_SIZE)
+    ]
+    errors = []
+    try:
+        for rank, process in enumerate(processes):
+            _, stderr = process.communicate(timeout=TIMEOUT_S)
+            if process.returncode != 0:
+                errors.append(f"rank {rank} exited with {process.returncode}:\n{stderr}")
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s (a hung collective?)")
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert not errors, "\n".join(errors)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+
+
+def scenario_results(
+    ranks: list[dict[str, Any]], scenario: tuple[str, str, str]
+) -> list[dict[str, Any]]:
+    results = [rank[ddp_worker.key(scenario)] for rank in ranks]
+    if "error" in results[0]:
+        pytest.skip(f"{scenario[0]} failed on CPU with gloo: {results[0]['error']}")
+    return results
+
+
+def assert_in_sync_and_trained(results: list[dict[str, Any]], name: str) -> None:
+    """Every rank ends with bitwise the same parameters, and they moved from the start."""
+    first = results[0]["parameters"]
+    for other in results[1:]:
+        assert other["parameters"].keys() == first.keys()
+        for key, value in first.items():
+            assert torch.equal(other["parameters"][key], value), key
+    initial = dict(ddp_worker.build(name).named_parameters())
+    assert first.keys() == initial.keys()
+    assert not all(torch.equal(first[k], initial[k]) for k in first)
+
+
+def assert_matches_reference(results: list[dict[str, Any]], scenario: tuple[str, str, str]) -> None:
+    """Same as one process replaying each rank's seed and data and averaging gradients."""
+    expected = ddp_worker.reference_parameters(scenario, WORLD_SIZE)
+    actual = results[0]["parameters"]
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def keep_decisions(result: dict[str, Any]) -> torch.Tensor:
+    return torch.cat(result["decisions"])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
+def test_ddp_keeps_parameters_in_sync_and_averages_gradients(
+    ranks: list[dict[str, Any]], name: str
+) -> None:
+    scenario = ("ddp", name, "per_rank")
+    results = scenario_results(ranks, scenario)
+    assert_in_sync_and_trained(results, name)
+    assert_matches_reference(results, scenario)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
+def test_ddp_ranks_draw_their_own_masks_when_seeded_per_rank(
+    ranks: list[dict[str, Any]], name: str
+) -> None:
+    """Seeded ``BASE + rank``: different keep decisions; one seed on every rank: identical ones."""
+    per_rank = [keep_decisions(r) for r in scenario_results(ranks, ("ddp", name, "per_rank"))]
+    same = [keep_decisions(r) for r in scenario_results(ranks, ("ddp", name, "same"))]
+    assert per_rank[0].shape == per_rank[1].shape == same[0].shape
+    assert not per_rank[0].all() and not per_rank[1].all()  # branches were dropped
+    assert not torch.equal(per_rank[0], per_rank[1])
+    # the data differ between ranks (ddp_worker.batch), the decisions do not: they follow the seed
+    assert torch.equal(same[0], same[1])
+    assert not same[0].all()
+    assert_matches_reference(scenario_results(ranks, ("ddp", name, "same")), ("ddp", name, "same"))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "resnet18"])
+def test_fsdp2_fully_shard_trains_on_cpu(ranks: list[dict[str, Any]], name: str) -> None:
+    """FSDP2 (``fully_shard``) over gloo: blocks sharded, rates raised each step, as with DDP."""
+    scenario = ("fsdp2", name, "per_rank")
+    results = scenario_results(ranks, scenario)
+    assert_in_sync_and_trained(results, name)
+    assert_matches_reference(results, scenario)
+    assert not torch.equal(keep_decisions(results[0]), keep_decisions(results[1]))
