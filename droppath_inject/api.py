@@ -154,8 +154,9 @@ def _describe(node: fx.Node, block_path: str) -> str:
     return node.name
 
 
-def _site_reports(plan: _Plan, rates: list[float], skip_mode: Mode | None = None) -> list[Site]:
-    """One line per site; ``skip_mode`` says how skipping branches would run, if requested."""
+def _site_reports(plan: _Plan, rates: list[float], rewrite: _Rewrite | None = None) -> list[Site]:
+    """One line per site; with ``rewrite``, how its skipping branches would run, if requested."""
+    skip_mode = rewrite.mode if rewrite and rewrite.skip_compute else None
     reports = []
     for index, (block, rate) in enumerate(zip(plan.blocks, rates, strict=True)):
         new_sites = [site for site in block.sites if site.existing_drop_path is None]
@@ -165,7 +166,8 @@ def _site_reports(plan: _Plan, rates: list[float], skip_mode: Mode | None = None
             if existing is None:
                 status, site_rate = "injected", rate
                 if skip_mode:
-                    status = f"injected, {describe_plan(cuts[site], skip_mode)}"
+                    how = describe_plan(cuts[site], skip_mode, rewrite.gather_batch_norm)
+                    status = f"injected, {how}"
             elif isinstance(existing, DropPath):
                 status, site_rate = "updated", rate
             else:
@@ -180,9 +182,13 @@ def _site_reports(plan: _Plan, rates: list[float], skip_mode: Mode | None = None
 
 
 def _apply(plan: _Plan, rates: list[float], rewrite: _Rewrite, surgery: Surgery) -> None:
-    """Rewrite every block that needs a DropPath, outermost first; update injected ones."""
+    """Rewrite every block that needs a DropPath, innermost first; update injected ones.
+
+    Inner blocks go first so that an outer block's copy, built from the module as it is now,
+    already holds their replacements.
+    """
     num_blocks = len(plan.blocks)
-    order = sorted(range(num_blocks), key=lambda i: plan.blocks[i].path.count("."))
+    order = sorted(range(num_blocks), key=lambda i: -plan.blocks[i].path.count("."))
     for index in order:
         block, rate = plan.blocks[index], rates[index]
         position = (index, num_blocks)
@@ -353,8 +359,7 @@ def inject_droppath(
     plan = _plan(model, inputs)
     rates = drop_rates(len(plan.blocks), max_drop, schedule)
     rewrite = _Rewrite(mode, skip_compute, gather_batch_norm)
-    skip_mode = mode if skip_compute else None
-    report = Report(_site_reports(plan, rates, skip_mode), plan.skipped, len(plan.blocks))
+    report = Report(_site_reports(plan, rates, rewrite), plan.skipped, len(plan.blocks))
     surgery = Surgery(model)
     try:
         _apply(plan, rates, rewrite, surgery)

@@ -34,6 +34,13 @@ def set_drop_rates(model: nn.Module, max_drop: float, schedule: Schedule = "line
     Cheap enough to call every step: it only sets attributes.
     """
     blocks = _require_injected(model)
+    sizes = {block.droppath_info.num_blocks: path for path, block in reversed(blocks)}
+    if len(sizes) > 1:  # positions of separate injections index schedules of different lengths
+        parts = ", ".join(f"{size} blocks from {path}" for size, path in sorted(sizes.items()))
+        raise DropPathInjectError(
+            f"{type(model).__name__} holds blocks of separate inject_droppath calls ({parts}): "
+            "call set_drop_rates on each injected part"
+        )
     num_blocks = blocks[0][1].droppath_info.num_blocks
     rates = drop_rates(num_blocks, max_drop, schedule)
     for _, block in blocks:

@@ -45,7 +45,7 @@ class Report:
     @property
     def injected(self) -> list[Site]:
         """Sites that carry a DropPath of this package (new or updated)."""
-        return [s for s in self.sites if s.drop_path in ("injected", "updated")]
+        return [s for s in self.sites if s.drop_path.startswith(("injected", "updated"))]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .layers import SkippingDropPath
 from .tracing import is_drop_path_module
 
 _ADD_FUNCTIONS = frozenset(
@@ -303,6 +304,25 @@ def _classify(facts: _GraphFacts, add: fx.Node) -> ResidualSite | None:
     )
 
 
+def _skipping_site(facts: _GraphFacts, node: fx.Node) -> ResidualSite | None:
+    """A call of an injected ``SkippingDropPath``: it computes a residual add itself."""
+    if node.op != "call_module" or not isinstance(facts.modules[node.target], SkippingDropPath):
+        return None
+    skip, fork = node.args[0], node.args[1]
+    assert isinstance(skip, fx.Node) and isinstance(fork, fx.Node)
+    return ResidualSite(
+        add=node,
+        branch=node,
+        skip=skip,
+        fork=fork,
+        branch_region=(node,),
+        owner=_common_owner([node]).rpartition(".")[0],
+        branch_depth=1,
+        skip_depth=0,
+        existing_drop_path=str(node.target),
+    )
+
+
 def find_residual_sites(graph_module: fx.GraphModule) -> list[ResidualSite]:
     """Every residual add of ``graph_module`` in execution order.
 
@@ -310,5 +330,8 @@ def find_residual_sites(graph_module: fx.GraphModule) -> list[ResidualSite]:
     reject broadcasting adds; without them the structural rules alone decide.
     """
     facts = _GraphFacts(graph_module)
-    sites = (_classify(facts, node) for node in facts.nodes if add_operands(node) is not None)
+    sites = (
+        _classify(facts, node) if add_operands(node) is not None else _skipping_site(facts, node)
+        for node in facts.nodes
+    )
     return [site for site in sites if site is not None]

@@ -19,10 +19,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
-from .layers import DropPath, Mode, drop_path, keep_mask
+from .layers import Mode, SkippingDropPath
 from .residuals import ResidualSite, is_inplace_add
 
 
@@ -68,6 +67,36 @@ def _batch_size(node: fx.Node) -> int | None:
     return int(shape[0]) if shape else None
 
 
+_REDUCTIONS = frozenset(
+    {
+        "mean", "sum", "std", "var", "std_mean", "var_mean", "amax", "amin", "max", "min",
+        "argmax", "argmin", "norm", "prod", "logsumexp", "softmax", "log_softmax", "cumsum",
+        "cumprod", "median", "all", "any",
+    }
+)  # fmt: skip
+
+
+def _mixes_samples(node: fx.Node) -> bool:
+    """An op that combines values across the batch: functional batch norm, or a reduction
+    (softmax, cumsum, ...) over dimension 0 or over everything."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name == "batch_norm":
+        return True
+    if name not in _REDUCTIONS:
+        return False
+    dim = node.kwargs.get("dim", node.kwargs.get("axis"))
+    if dim is None and len(node.args) > 1:
+        dim = node.args[1]
+    if dim is None:
+        return True
+    source = node.args[0] if node.args else None
+    ndim = len(getattr(getattr(source, "meta", {}).get("tensor_meta"), "shape", ()))
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return any(isinstance(d, int) and (d == 0 or (ndim and d + ndim == 0)) for d in dims)
+
+
 def _batch_norms(graph_module: fx.GraphModule, nodes: Sequence[fx.Node]) -> tuple[nn.Module, ...]:
     """BatchNorm modules the nodes run, directly or inside leaf modules."""
     return tuple(
@@ -103,7 +132,10 @@ def cut_branch(graph_module: fx.GraphModule, site: ResidualSite) -> BranchCut | 
         for n in inputs
     )
     row_fallback = None
-    if batch is None:
+    mixing = next((n for n in nodes if _mixes_samples(n)), None)
+    if mixing is not None:
+        row_fallback = f"the branch combines samples ({mixing.name})"
+    elif batch is None:
         row_fallback = "no shapes (no example input) to tell which inputs are per-sample"
     elif any(n in derived for n in set(inputs) & _sizes_of_tensors(graph)):
         row_fallback = "the branch reads sizes computed outside it"
@@ -134,7 +166,7 @@ def plan_cuts(
     return plans
 
 
-def describe_plan(plan: BranchCut | str, mode: Mode) -> str:
+def describe_plan(plan: BranchCut | str, mode: Mode, gather_batch_norm: bool = False) -> str:
     """One phrase for the report: what a dropped branch costs."""
     if isinstance(plan, str):
         return f"masks: {plan}"
@@ -142,6 +174,8 @@ def describe_plan(plan: BranchCut | str, mode: Mode) -> str:
         return "skips dropped blocks"
     if plan.per_sample is None:
         return f"masks in row mode: {plan.row_fallback}"
+    if plan.batch_norms and gather_batch_norm:
+        return "computes kept rows only (BatchNorm statistics from kept rows)"
     if plan.batch_norms:
         return "computes kept rows only, but masks while a BatchNorm in it trains"
     return "computes kept rows only"
@@ -159,69 +193,6 @@ def branch_module(root: nn.Module, cut: BranchCut) -> fx.GraphModule:
     return fx.GraphModule(root, graph, "Branch")
 
 
-class SkippingDropPath(DropPath):
-    """``skip + DropPath(branch(*inputs))`` that does not compute what it drops.
-
-    The branch is kept as a plain attribute, not a child: its modules belong to the block, so
-    ``state_dict()`` keys stay those of the original model.
-    """
-
-    def __init__(
-        self,
-        branch: fx.GraphModule,
-        cut: BranchCut,
-        drop_prob: float = 0.0,
-        mode: Mode = "row",
-        gather_batch_norm: bool = False,
-    ) -> None:
-        super().__init__(drop_prob, mode)
-        vars(self)["branch"] = branch
-        vars(self)["batch_norms"] = list(cut.batch_norms)
-        self.per_sample = cut.per_sample
-        self.gather_batch_norm = gather_batch_norm
-
-    def forward(self, skip: Tensor, *inputs: object) -> Tensor:  # type: ignore[override]
-        if not self.training or self.drop_prob == 0.0:
-            return skip + self.branch(*inputs)
-        if self.mode == "batch":
-            return self._batch(skip, inputs)
-        if self.per_sample is None or (
-            not self.gather_batch_norm and any(m.training for m in self.batch_norms)
-        ):
-            return skip + drop_path(self.branch(*inputs), self.drop_prob, True, "row")
-        return self._rows(skip, inputs)
-
-    def _keep_mask(self, skip: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
-        return keep_mask(shape, self.drop_prob, self.scale_by_keep, skip.dtype, device)
-
-    def _batch(self, skip: Tensor, inputs: tuple[object, ...]) -> Tensor:
-        mask = self._keep_mask(skip, (1,) * skip.ndim, torch.device("cpu"))
-        if not mask.any():
-            return skip.clone()  # a new tensor, as the add made: later in-place ops stay safe
-        return skip + self.branch(*inputs) * mask.to(skip.device)
-
-    def _rows(self, skip: Tensor, inputs: tuple[object, ...]) -> Tensor:
-        mask = self._keep_mask(skip, (skip.shape[0],) + (1,) * (skip.ndim - 1), skip.device)
-        kept = mask.view(-1).nonzero().squeeze(1)
-        if kept.numel() == 0:
-            return skip.clone()
-        if kept.numel() == skip.shape[0]:
-            return skip + self.branch(*inputs) * mask
-        gathered = [
-            x.index_select(0, kept) if is_per_sample else x
-            for x, is_per_sample in zip(inputs, self.per_sample or (), strict=True)
-        ]
-        kept_out = self.branch(*gathered) * mask.index_select(0, kept)
-        dtype = torch.promote_types(skip.dtype, kept_out.dtype)
-        return skip.to(dtype).index_add(0, kept, kept_out.to(dtype))
-
-    def extra_repr(self) -> str:
-        how = "whole branch" if self.mode == "batch" else "kept rows"
-        if self.mode == "row" and self.per_sample is None:
-            how = "mask"
-        return f"{super().extra_repr()}, skips={how}"
-
-
 def install_skipping_drop_path(
     block: fx.GraphModule,
     cut: BranchCut,
@@ -231,7 +202,8 @@ def install_skipping_drop_path(
     gather_batch_norm: bool,
 ) -> None:
     """Replace the cut's branch nodes and add in ``block``'s graph by one SkippingDropPath call."""
-    drop = SkippingDropPath(branch_module(block, cut), cut, rate, mode, gather_batch_norm)
+    branch = branch_module(block, cut)
+    drop = SkippingDropPath(branch, cut.per_sample, cut.batch_norms, rate, mode, gather_batch_norm)
     drop.training = block.training
     block.add_module(name, drop)
     site, graph = cut.site, block.graph

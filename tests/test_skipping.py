@@ -596,11 +596,6 @@ def test_channels_last(name: str, mode: str) -> None:
         assert skipping_formats == masked_formats
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (performance): row mode returns NCHW-contiguous blocks for channels_last "
-    "inputs (index_select and out-of-place index_add do not keep the memory format)",
-)
 def test_channels_last_kept_by_gathered_rows() -> None:
     """A gathered branch's block output stays channels_last, like the mask version's."""
     masked_formats, skipping_formats = run_channels_last("group_norm_conv", "row")
@@ -635,16 +630,13 @@ def test_gather_batch_norm_opt_in() -> None:
     assert running and not all(running)  # running statistics follow the kept rows too
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with gather_batch_norm=True the report still says 'masks while a BatchNorm "
-    "in it trains', though the branch gathers",
-)
 def test_gather_batch_norm_report() -> None:
     """The report says what the opt-in does: kept rows only."""
     model, x = batch_norm_net()
     _, _, report = injected_pair(model, x, "row", gather_batch_norm=True)
-    assert statuses(report) == {"injected, computes kept rows only"}
+    assert statuses(report) == {
+        "injected, computes kept rows only (BatchNorm statistics from kept rows)"
+    }
 
 
 def test_frozen_batch_norm_gathers_without_opt_in() -> None:
@@ -680,11 +672,6 @@ class BatchCentered(nn.Module):
         return x + self.mlp(x - x.mean(0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: only BatchNorm is taken as sample-dependent; a branch reducing over the batch "
-    "(x.mean(0)) is gathered and silently computes something else",
-)
 def test_batch_mixing_branch_is_not_gathered() -> None:
     """A branch that reduces over the batch must keep the mask (or be refused), not gather."""
     torch.manual_seed(0)
@@ -727,12 +714,6 @@ def test_cut_plan_fallbacks(block: Callable[[], nn.Module], mode: str, status: s
     compare_training(masked, skipping, x, bitwise=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a branch GraphModule holds the submodules it calls at build time; nested "
-    "residual blocks replaced afterwards are still called in their original form, without "
-    "their DropPath",
-)
 @pytest.mark.parametrize("mode", ["row", "batch"])
 def test_nested_residual_blocks_keep_their_drop_paths(mode: str) -> None:
     """Blocks nested in an outer block's branch still run their own DropPath."""
@@ -749,11 +730,6 @@ def test_nested_residual_blocks_keep_their_drop_paths(mode: str) -> None:
     assert sorted(called) == sorted(drops)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Report.injected keeps sites whose status is exactly 'injected' or 'updated', "
-    "so it is empty under skip_compute ('injected, computes kept rows only')",
-)
 def test_report_injected_lists_skipping_sites() -> None:
     """``Report.injected`` lists the sites that got a skipping DropPath."""
     model, x = build("layer_norm_mlp")
@@ -764,11 +740,6 @@ def test_report_injected_lists_skipping_sites() -> None:
 # --- 6. re-injection, control, copies ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a SkippingDropPath hides its add inside a leaf module, so a second "
-    "inject_droppath finds 0 residual sites and leaves the old rates",
-)
 def test_second_injection_updates_rates() -> None:
     """Calling inject_droppath again updates the skipping DropPaths' rates, never nests."""
     model, x = build("layer_norm_mlp")
