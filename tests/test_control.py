@@ -187,6 +187,23 @@ def test_set_drop_rates_rejects_bad_arguments_and_changes_nothing(
     assert rates_by_block(model) == before
 
 
+def test_set_drop_rates_refuses_separately_injected_parts_of_different_depth() -> None:
+    """Two inject_droppath calls, 8 and 2 blocks: one schedule cannot index both; each part can."""
+    model = nn.ModuleDict({"a": build_resnet18(), "b": build_resnet18()})
+    inject_droppath(model["a"], 0.1, example_inputs=images(2))
+    features = torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(3))
+    inject_droppath(model["b"].layer1, 0.1, example_inputs=features)
+    before = rates_by_block(model)
+    with pytest.raises(DropPathInjectError, match="separate inject_droppath calls") as error:
+        set_drop_rates(model, 0.3)
+    assert "8 blocks from a.layer1.0" in str(error.value)
+    assert "2 blocks from b.layer1.0" in str(error.value)
+    assert rates_by_block(model) == before
+    assert set_drop_rates(model["a"], 0.3) == pytest.approx(linear_rule(8, 0.3), rel=1e-12)
+    assert set_drop_rates(model["b"], 0.3) == [0.0, 0.3]
+    assert rates_by_block(model)["b.layer1.1"] == [0.3]
+
+
 def test_control_needs_an_injected_model() -> None:
     model = build_resnet18()
     with pytest.raises(DropPathInjectError, match="inject_droppath"):
