@@ -42,8 +42,12 @@ def parser(description: str, model: str, image_size: int, lr: float) -> argparse
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse, apply ``--smoke``, seed torch and set its thread count."""
+    """Parse and check, apply ``--smoke``, seed torch and set its thread count."""
     args = p.parse_args(argv)
+    if not 0 <= args.max_drop <= 1:
+        p.error("--max-drop must lie in [0, 1]")
+    if args.warmup_steps < 1 or args.steps < 1:
+        p.error("--steps and --warmup-steps must be at least 1")
     if args.smoke:
         args.steps, args.warmup_steps, args.batch_size, args.image_size = 3, 2, 4, 32
         args.threads = args.threads or 1  # tiny tensors: more threads only add contention
