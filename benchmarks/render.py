@@ -1,0 +1,270 @@
+"""Markdown: the run's environment, the targets, one table per figure, and what each contains."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .figures import INJECTED, NATIVE, PLAIN, SKIP, ModelResult, ScalingRow, scaling_ratio
+from .timing import Stat
+
+EVAL_TOLERANCE = 0.02  # "1.00 within noise": the median within 2 %, or 1.00 inside min–max
+TRAIN_TARGET = 1.02
+MEMORY_TARGET = 1.01
+SCALING_TARGET = 1.2  # flat: per-node time of the deepest model at most 20 % above the shallowest
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Where and how the run happened, for the header."""
+
+    date: str
+    machine: str
+    versions: str
+    device: str
+    threads: str
+    inputs: str
+    reps: str
+    load_before: str
+    load_after: str
+    commit: str
+    command: str
+    smoke: bool = False
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _ratio(stat: Stat | None) -> str:
+    return "n/a" if stat is None else stat.format()
+
+
+def _ms(values: Sequence[float]) -> str:
+    return Stat.of(values).format(1, 1e3)
+
+
+def _mib(values: Sequence[int]) -> str:
+    return Stat.of([float(v) for v in values]).format(1, 1 / 2**20)
+
+
+def _header(env: Environment) -> list[str]:
+    rows = [
+        ("date", env.date),
+        ("command", f"`{env.command}`"),
+        ("machine", env.machine),
+        ("versions", env.versions),
+        ("device", f"{env.device}, {env.threads}"),
+        ("inputs", env.inputs),
+        ("repetitions", f"{env.reps}, after a warm-up, variants interleaved"),
+        ("load", f"load average {env.load_before} before, {env.load_after} after the run"),
+        ("droppath_inject", env.commit),
+    ]
+    return _table(("run", ""), rows)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def _targets(models: Sequence[ModelResult], scaling: dict[str, list[ScalingRow]]) -> list[str]:
+    rows = []
+    for m in models:
+        stat = _eval_ratio(m)
+        in_noise = abs(stat.median - 1) <= EVAL_TOLERANCE or stat.low <= 1 <= stat.high
+        plain, injected = m.eval_memory[PLAIN], m.eval_memory[INJECTED]
+        same_work = (plain.allocated, plain.allocations) == (
+            injected.allocated,
+            injected.allocations,
+        )
+        measured = (
+            f"time {stat.format()}; allocated bytes {injected.allocated / plain.allocated:.3f}"
+        )
+        rows.append(("2. eval forward, injected / original", m.spec.name,
+                     "1.00 within noise, no extra allocation", measured,
+                     _verdict(in_noise and same_work)))  # fmt: skip
+    for m in models:
+        stat = m.train_ratio(INJECTED, NATIVE)
+        if stat is not None:
+            rows.append(("3. train step, injected / timm native", m.spec.name,
+                         f"<= {TRAIN_TARGET:.2f}", stat.format(),
+                         _verdict(stat.median <= TRAIN_TARGET)))  # fmt: skip
+    for m in models:
+        stat = m.memory_ratio(INJECTED, NATIVE)
+        if stat is not None:
+            rows.append(("4. peak memory, injected / timm native", m.spec.name,
+                         f"<= {MEMORY_TARGET:.2f}", stat.format(),
+                         _verdict(stat.median <= MEMORY_TARGET)))  # fmt: skip
+    for name, family in scaling.items():
+        stat = scaling_ratio(family)
+        label = f"{name} {family[0].depth} -> {family[-1].depth}"
+        rows.append(("5. injection time per node, deepest / shallowest", label,
+                      f"<= {SCALING_TARGET:.2f} (flat)", stat.format(),
+                      _verdict(stat.median <= SCALING_TARGET)))  # fmt: skip
+    return _table(("figure", "model", "target", "measured", "verdict"), rows)
+
+
+def _per_rep(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+    return [a / b for a, b in zip(numerator, denominator, strict=True)]
+
+
+def _injection_table(models: Sequence[ModelResult]) -> list[str]:
+    rows = []
+    for m in models:
+        r = m.injection
+        rows.append((
+            m.spec.label, "×".join(map(str, m.input_shape)), str(r.sites), _ms(r.forward),
+            Stat.of(_per_rep(r.injection, r.forward)).format(1),
+            Stat.of(_per_rep(r.verification, r.forward)).format(),
+            Stat.of(_per_rep(r.api_total, r.forward)).format(1), _ms(r.injection),
+        ))  # fmt: skip
+    header = ("model", "input", "sites", "eval forward ms", "injection / forward",
+              "verification / forward", "inject_droppath(verify=True) / forward",
+              "injection ms")  # fmt: skip
+    return _table(header, rows)
+
+
+def _eval_table(models: Sequence[ModelResult]) -> list[str]:
+    rows = []
+    for m in models:
+        plain, injected = m.eval_memory[PLAIN], m.eval_memory[INJECTED]
+        rows.append((
+            m.spec.label, _ms(m.eval_times[PLAIN]), _ms(m.eval_times[INJECTED]),
+            _eval_ratio(m).format(3), f"{plain.allocated / 2**20:.1f}",
+            f"{injected.allocated / plain.allocated:.3f}",
+            f"{plain.allocations} / {injected.allocations}",
+        ))  # fmt: skip
+    header = ("model", "original ms", "injected ms", "injected / original",
+              "original allocates MiB", "allocated bytes, injected / original",
+              "allocations, original / injected")  # fmt: skip
+    return _table(header, rows)
+
+
+def _eval_ratio(m: ModelResult) -> Stat:
+    return Stat.of(_per_rep(m.eval_times[INJECTED], m.eval_times[PLAIN]))
+
+
+def _train_table(models: Sequence[ModelResult]) -> list[str]:
+    rows = []
+    for m in models:
+        native = _ms(m.train_times[NATIVE]) if NATIVE in m.train_times else "n/a (none)"
+        rows.append((
+            m.spec.label, _ms(m.train_times[PLAIN]), native,
+            _ratio(m.train_ratio(INJECTED, PLAIN)), _ratio(m.train_ratio(INJECTED, NATIVE)),
+            f"{m.skip_cut[0]}/{m.skip_cut[1]}", _ratio(m.train_ratio(SKIP, PLAIN)),
+            _ratio(m.train_ratio(SKIP, NATIVE)),
+        ))  # fmt: skip
+    header = ("model", "plain ms", "timm native ms", "injected / plain",
+              "injected / timm native", "skip_compute: sites computing kept rows only",
+              "skip_compute / plain", "skip_compute / timm native")  # fmt: skip
+    return _table(header, rows)
+
+
+def _memory_table(models: Sequence[ModelResult]) -> list[str]:
+    rows = []
+    for m in models:
+        anchor = NATIVE if NATIVE in m.train_memory else PLAIN
+        peaks = [use.peak for use in m.train_memory[anchor]]
+        rows.append((
+            m.spec.label, anchor.replace(NATIVE, "timm native"), _mib(peaks),
+            _ratio(m.memory_ratio(INJECTED, PLAIN)), _ratio(m.memory_ratio(INJECTED, NATIVE)),
+            _ratio(m.memory_ratio(SKIP, anchor)),
+            _ratio(m.memory_ratio(INJECTED, anchor, "allocated")),
+            _ratio(m.memory_ratio(INJECTED, anchor, "allocations")),
+        ))  # fmt: skip
+    header = ("model", "anchor", "anchor peak MiB", "peak, injected / plain",
+              "peak, injected / timm native", "peak, skip_compute / anchor",
+              "allocated bytes, injected / anchor", "allocations, injected / anchor")  # fmt: skip
+    return _table(header, rows)
+
+
+def _scaling_table(scaling: dict[str, list[ScalingRow]]) -> list[str]:
+    rows = []
+    for family in scaling.values():
+        shallow = family[0].per_node
+        for previous, row in zip([None, *family], family, strict=False):
+            rows.append((
+                row.label, str(row.nodes), Stat.of(row.seconds).format(2),
+                Stat.of(row.per_node).format(0, 1e6),
+                "" if previous is None else _marginal(previous, row).format(0, 1e6),
+                Stat.of(_per_rep(row.per_node, shallow)).format(),
+            ))  # fmt: skip
+    header = ("model", "graph nodes", "injection s", "µs per node",
+              "µs per added node (from the previous depth)", "per node / shallowest")  # fmt: skip
+    return _table(header, rows)
+
+
+def _marginal(previous: ScalingRow, row: ScalingRow) -> Stat:
+    """Seconds per node added since the previous depth: grows with depth if quadratic."""
+    added = row.nodes - previous.nodes
+    return Stat.of([(b - a) / added for a, b in zip(previous.seconds, row.seconds, strict=True)])
+
+
+METHOD = """\
+## What each figure contains
+
+Every ratio is computed per repetition between measurements taken side by side in the same
+process, then summarised as median (min–max) over the repetitions. Variants are interleaved,
+their order rotated each repetition (A B C, B C A, ...), so that drift from other load hits all
+alike. Times are wall clock (`time.perf_counter`, CUDA synchronised where used); the models
+have random weights, built under one seed; every variant of a model shares weights
+(`load_state_dict`), input, labels and RNG seed.
+
+1. **Injection and verification.** *forward*: one eval forward of the original model under
+   `torch.no_grad()` (median of 3 calls, taken in each repetition just before the injection).
+   *injection*: `inject_droppath(model, 0.1, example_inputs=x, verify=False)` on a fresh deep
+   copy: whole-model trace, residual analysis (including the library's eval runs on `x` for
+   the reference outputs and shape propagation), tracing of each owner block, surgery.
+   *verification*: what `verify=True` adds: one side-effect-free eval run of the injected model
+   (`droppath_inject.inputs.run_eval`) and the bitwise comparison (`outputs_equal`, i.e.
+   `torch.equal`) against the reference outputs. *inject_droppath(verify=True)*: the public call
+   end to end on another fresh copy; it is close to injection + verification.
+2. **Eval forward.** The original and the injected model in eval mode under `torch.no_grad()`,
+   each timed over 3 back-to-back calls per repetition.
+3. **Train step.** `zero_grad(set_to_none=True)`, forward, cross-entropy against fixed random
+   labels, backward, `SGD(lr=1e-3, momentum=0.9).step()`; each variant has its own optimizer.
+   *plain*: the model without drop path (timm `drop_path_rate=0`). *injected*: the plain model
+   after `inject_droppath(max_drop=0.1)` (linear schedule, row mode: timm's). *timm native*:
+   timm's model built with `drop_path_rate=0.1`, same weights (torchvision ResNet has none, so
+   only the plain anchor applies). *skip_compute*: `inject_droppath(max_drop=0.1,
+   skip_compute=True)`, where dropped samples' branches are not computed, beyond the targets
+   (branches holding a BatchNorm that trains fall back to the mask, so ResNets gain nothing).
+   Each repetition seeds the RNG identically for every variant. The masks of
+   `droppath_inject` and timm differ under one seed (`rand < keep` against `bernoulli_`), but
+   their rates are the same.
+4. **Peak memory.** The most bytes one train step (as in 3., after a warm-up step, so the
+   momentum buffers already exist; gradients are freed before and allocated within it) holds
+   at once beyond what was allocated before it. On the CPU: the running sum of the allocation
+   and free events of torch's CPU allocator, recorded by `torch.profiler` with
+   `profile_memory=True`; on CUDA: `torch.cuda.max_memory_allocated` after
+   `reset_peak_memory_stats`. Up to 3 repetitions, each under its own seed.
+5. **Scaling.** Injection (as in 1., `verify=False`) of models of growing depth on a batch of 2
+   at a small image size; graph nodes from a plain `torch.fx.symbolic_trace` of the whole model.
+   Depths are interleaved within each repetition; the last column divides each model's seconds
+   per node by the shallowest model's, per repetition. Flat means no super-linear analysis.
+   A fixed cost per residual block that is higher per node than the cost of the model's stem
+   and head also raises the ratio from shallow models on; the marginal column (seconds per node
+   added since the previous depth) tells the two apart: it stays level for a linear cost and
+   grows with depth for a quadratic one.
+"""
+
+
+def render(
+    env: Environment, models: Sequence[ModelResult], scaling: dict[str, list[ScalingRow]]
+) -> str:
+    """The full markdown document."""
+    lines = ["# Benchmarks", "", f"Regenerate with `{env.command}`.", ""]
+    if env.smoke:
+        lines += ["A smoke run: it checks that the benchmarks run, not the targets.", ""]
+    lines += _header(env) + ["", "## Targets", ""] + _targets(models, scaling)
+    if models:
+        lines += ["", "## 1. Injection and verification, in eval forwards", ""]
+        lines += _injection_table(models)
+        lines += ["", "## 2. Eval forward, injected / original", ""] + _eval_table(models)
+        lines += ["", "## 3. Train step time", ""] + _train_table(models)
+        lines += ["", "## 4. Peak memory of a train step", ""] + _memory_table(models)
+    if scaling:
+        lines += ["", "## 5. Injection time against depth", ""] + _scaling_table(scaling)
+    return "\n".join(lines) + "\n\n" + METHOD

@@ -1,0 +1,80 @@
+"""Timing helpers: wall-clock seconds of a call, variants interleaved, ratios per repetition."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Median, minimum and maximum of repeated measurements (or of per-repetition ratios)."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        if not values:
+            raise ValueError("no measurements")
+        return cls(statistics.median(values), min(values), max(values))
+
+    def format(self, digits: int = 2, scale: float = 1.0) -> str:
+        """``median (min–max)``, each value multiplied by ``scale``."""
+        m, lo, hi = (v * scale for v in (self.median, self.low, self.high))
+        return f"{m:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so that wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, number: int = 1) -> float:
+    """Seconds per call of ``fn``, averaged over ``number`` back-to-back calls."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / number
+
+
+def interleaved(
+    variants: Mapping[str, Callable[[], object]],
+    reps: int,
+    device: torch.device,
+    *,
+    warmup: int = 1,
+    number: int = 1,
+    before: Callable[[int], None] = lambda rep: None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant in each repetition, the variants run in turn.
+
+    Repetition ``r`` runs the variants in an order rotated by ``r`` (A B C, B C A, C A B, ...)
+    so that drift and position effects hit every variant alike. ``before(r)`` runs, untimed,
+    before each timed call (e.g. to seed the RNG identically for every variant).
+    """
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            before(-1)
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            before(rep)
+            times[name].append(time_call(variants[name], device, number))
+    return times
+
+
+def ratios(numerator: Sequence[float], denominator: Sequence[float]) -> Stat:
+    """Per-repetition ratios of two interleaved series, summarised."""
+    return Stat.of([a / b for a, b in zip(numerator, denominator, strict=True)])
