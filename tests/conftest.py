@@ -1,7 +1,20 @@
-"""Shared test settings."""
+"""Shared test settings and fixtures."""
 
+from collections.abc import Iterator
+
+import pytest
+import torch
 from hypothesis import settings
 
 # Torch's first call of an op can take far longer than hypothesis' default 200 ms deadline.
 settings.register_profile("droppath", deadline=None)
 settings.load_profile("droppath")
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: far faster than contended ones for tiny tensors on small machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

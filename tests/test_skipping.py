@@ -61,13 +61,7 @@ Work = Literal["rows", "blocks", "all"]
 """What a branch computes on: kept rows only, whole kept blocks only, or every row (mask)."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is far faster than contended ones on small machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --- models ------------------------------------------------------------------------------------

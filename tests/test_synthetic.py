@@ -35,13 +35,7 @@ from droppath_inject import (
 MAX_DROP = 0.2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is far faster than contended ones on small machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -28,13 +28,7 @@ NUM_CLASSES = 10
 SIGMAS = 5.0  # statistical checks fail a correct implementation with probability below 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is far faster than contended ones on small machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
