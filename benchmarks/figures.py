@@ -13,6 +13,7 @@ import copy
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -144,11 +145,12 @@ def measure_injection(base: nn.Module, x: Tensor, settings: Settings) -> Injecti
     for _ in range(settings.reps):
         result.forward.append(statistics.median(time_call(forward, device) for _ in range(3)))
         model, other = copy.deepcopy(base), copy.deepcopy(base)
-        result.injection.append(
-            time_call(lambda m=model: _inject(m, x, settings, verify=False), device)
-        )
-        result.verification.append(time_call(lambda m=model: _verify(m, inputs, reference), device))
-        result.api_total.append(time_call(lambda m=other: _inject(m, x, settings), device))
+        inject = partial(_inject, model, x, settings, verify=False)
+        result.injection.append(time_call(inject, device, collect=True))
+        verify = partial(_verify, model, inputs, reference)
+        result.verification.append(time_call(verify, device, collect=True))
+        api_call = partial(_inject, other, x, settings)
+        result.api_total.append(time_call(api_call, device, collect=True))
     return result
 
 
@@ -245,9 +247,8 @@ def measure_scaling(family: ScalingFamily, image_size: int, settings: Settings) 
         shift = rep % len(depths)
         for d in depths[shift:] + depths[:shift]:
             model = copy.deepcopy(models[d])  # not timed
-            rows[d].seconds.append(
-                time_call(lambda m=model: _inject(m, x, settings, verify=False), settings.device)
-            )
+            inject = partial(_inject, model, x, settings, verify=False)
+            rows[d].seconds.append(time_call(inject, settings.device, collect=True))
     return [rows[d] for d in depths]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,8 +37,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device, number: int = 1) -> float:
-    """Seconds per call of ``fn``, averaged over ``number`` back-to-back calls."""
+def time_call(
+    fn: Callable[[], object], device: torch.device, number: int = 1, *, collect: bool = False
+) -> float:
+    """Seconds per call of ``fn``, averaged over ``number`` back-to-back calls.
+
+    ``collect`` runs Python's garbage collector first, untimed, so that garbage left by an
+    earlier measurement is not collected (and paid for) during this one.
+    """
+    if collect:
+        gc.collect()
     synchronize(device)
     start = time.perf_counter()
     for _ in range(number):
