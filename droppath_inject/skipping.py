@@ -111,8 +111,8 @@ def _batch_norms(graph_module: fx.GraphModule, nodes: Sequence[fx.Node]) -> tupl
 def cut_branch(graph_module: fx.GraphModule, site: ResidualSite) -> BranchCut | str:
     """Plan cutting ``site``'s branch out of the graph, or say why it cannot be cut."""
     graph = graph_module.graph
-    if is_inplace_add(site.add):
-        return "in-place add"
+    if is_inplace_add(site.add) and site.add.args[0] is site.skip:
+        return "in-place add into the skip"  # later readers of the skip see the sum
     moved = set(site.branch_region)
     order = list(graph.nodes)
     start, stop = order.index(site.fork), order.index(site.add)

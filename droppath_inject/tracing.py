@@ -7,6 +7,7 @@ behaving like the original in both modes.
 
 from __future__ import annotations
 
+import operator
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -58,6 +59,17 @@ def _integration_leaves() -> tuple[tuple[type, ...], tuple[Callable[..., Any], .
     return tuple(classes), tuple(functions)
 
 
+class _InplaceAwareProxy(fx.Proxy):
+    """A Proxy that records ``a += b`` as ``operator.iadd``.
+
+    Plain FX proxies have no ``__iadd__``, so Python falls back to ``a = a + b`` and a traced
+    ``out += identity`` (torchvision's ResNet) would allocate a new tensor in every forward.
+    """
+
+    def __iadd__(self, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+
 class DropPathTracer(fx.Tracer):
     """An FX tracer that keeps drop-path modules, integration leaves and chosen modules whole.
 
@@ -73,6 +85,9 @@ class DropPathTracer(fx.Tracer):
         self.proxy_buffer_attributes = True
         self._leaf_classes = leaf_classes
         self._extra_leaves = {id(m) for m in extra_leaves}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InplaceAwareProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self._extra_leaves or is_drop_path_module(m):
