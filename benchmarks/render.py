@@ -156,9 +156,14 @@ def _gaps(models: Sequence[ModelResult], scaling: dict[str, list[ScalingRow]]) -
     for m in models:
         stat = m.train_ratio(INJECTED, NATIVE)
         if stat is not None and stat.median > TRAIN_TARGET:
+            control = m.train_ratio(NATIVE, PLAIN)
+            allocated = m.memory_ratio(INJECTED, NATIVE, "allocated")
             notes.append(
-                f"- **{m.spec.name}, train step**: injected / timm native {stat.format()}; "
-                "compare the allocations in figure 4, and profile."
+                f"- **{m.spec.name}, train step**: injected / timm native {stat.format()}, with "
+                f"allocated bytes {_ratio(allocated)} of timm's. Control: timm native / plain "
+                f"is {_ratio(control)}, a spread between model objects that owes nothing to "
+                "injected code; if it is as wide as the gap, rerun (more --reps, idle machine) "
+                "before profiling."
             )
     for name, family in scaling.items():
         if scaling_ratio(family).median > SCALING_TARGET:
@@ -213,11 +218,12 @@ def _train_table(models: Sequence[ModelResult]) -> list[str]:
         native = _ms(m.train_times[NATIVE]) if NATIVE in m.train_times else "n/a (none)"
         rows.append((
             m.spec.label, _ms(m.train_times[PLAIN]), native,
-            _ratio(m.train_ratio(INJECTED, PLAIN)), _ratio(m.train_ratio(INJECTED, NATIVE)),
-            f"{m.skip_cut[0]}/{m.skip_cut[1]}", _ratio(m.train_ratio(SKIP, PLAIN)),
-            _ratio(m.train_ratio(SKIP, NATIVE)),
+            _ratio(m.train_ratio(NATIVE, PLAIN)), _ratio(m.train_ratio(INJECTED, PLAIN)),
+            _ratio(m.train_ratio(INJECTED, NATIVE)), f"{m.skip_cut[0]}/{m.skip_cut[1]}",
+            _ratio(m.train_ratio(SKIP, PLAIN)), _ratio(m.train_ratio(SKIP, NATIVE)),
         ))  # fmt: skip
-    header = ("model", "plain ms", "timm native ms", "injected / plain",
+    header = ("model", "plain ms", "timm native ms", "timm native / plain (control)",
+              "injected / plain",
               "injected / timm native", "skip_compute: sites computing kept rows only",
               "skip_compute / plain", "skip_compute / timm native")  # fmt: skip
     return _table(header, rows)
@@ -292,7 +298,8 @@ have random weights, built under one seed; every variant of a model shares weigh
    only the plain anchor applies). *skip_compute*: `inject_droppath(max_drop=0.1,
    skip_compute=True)`, where dropped samples' branches are not computed, beyond the targets
    (branches holding a BatchNorm that trains fall back to the mask, so ResNets gain nothing).
-   Each repetition seeds the RNG identically for every variant. The masks of
+   *timm native / plain* is a control: the spread between two model objects that run no
+   injected code. Each repetition seeds the RNG identically for every variant. The masks of
    `droppath_inject` and timm differ under one seed (`rand < keep` against `bernoulli_`), but
    their rates are the same.
 4. **Peak memory.** The most bytes one train step (as in 3., after a warm-up step, so the
@@ -303,6 +310,10 @@ have random weights, built under one seed; every variant of a model shares weigh
    `reset_peak_memory_stats`. Up to 3 repetitions, each under its own seed.
 5. **Scaling.** Injection (as in 1., `verify=False`) of models of growing depth on a batch of 2
    at a small image size; graph nodes from a plain `torch.fx.symbolic_trace` of the whole model.
+   It runs before figures 1 to 4: after training the four models, the same process injected up
+   to a quarter slower at depth 96 (allocator state; no module survives them), which would
+   blur the scaling. The garbage collector runs, untimed, before each timed injection (also in
+   figure 1), so that one model's garbage is not collected during the next one's injection.
    Depths are interleaved within each repetition; the last column divides each model's seconds
    per node by the shallowest model's, per repetition. Flat means no super-linear analysis.
    A fixed cost per residual block that is higher per node than the cost of the model's stem
