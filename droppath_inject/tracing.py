@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from .layers import DropPath
@@ -85,9 +86,36 @@ class DropPathTracer(fx.Tracer):
         self.proxy_buffer_attributes = True
         self._leaf_classes = leaf_classes
         self._extra_leaves = {id(m) for m in extra_leaves}
+        self._names_root: nn.Module | None = None
+        self._names: dict[int, str] = {}
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InplaceAwareProxy(node, self)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """A ``get_attr`` proxy for the model's parameters and buffers, found by identity.
+
+        torch.fx searches every parameter of the model on each access, which makes tracing
+        quadratic in depth; one name table per traced model keeps it linear.
+        """
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        name = self._tensor_names().get(id(attr_val))
+        if name is None or not (isinstance(attr_val, nn.Parameter) or self.proxy_buffer_attributes):
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def _tensor_names(self) -> dict[int, str]:
+        """``id(tensor) -> name`` for the traced model's parameters and buffers."""
+        if self._names_root is not self.root:
+            tensors = [*self.root.named_parameters(), *self.root.named_buffers()]
+            self._names = {}
+            for name, tensor in tensors:
+                self._names.setdefault(id(tensor), name)
+            self._names_root = self.root
+        return self._names
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self._extra_leaves or is_drop_path_module(m):
