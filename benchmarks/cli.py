@@ -49,7 +49,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(SCALING),
         help=f"scaling families, of {list(SCALING)} ('none' for none)",
     )
-    parser.add_argument("--reps", type=int, default=5, help="repetitions, figures 1 to 4")
+    parser.add_argument("--reps", type=int, default=7, help="repetitions, figures 1 to 4")
     parser.add_argument("--scaling-reps", type=int, default=3, help="repetitions, figure 5")
     parser.add_argument("--image-size", type=int, default=112, help="input height and width")
     parser.add_argument("--scaling-size", type=int, default=32, help="image size for scaling")
@@ -114,7 +114,9 @@ def _commit() -> str:
     return f"commit {commit}" + (" with local changes to droppath_inject/" if dirty else "")
 
 
-def _environment(args: argparse.Namespace, device: torch.device, load_before: str) -> Environment:
+def _environment(
+    args: argparse.Namespace, device: torch.device, load_before: str, commit: str
+) -> Environment:
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     scaling = f"; scaling: batch 2×3×{args.scaling_size}×{args.scaling_size}"
     return Environment(
@@ -129,7 +131,7 @@ def _environment(args: argparse.Namespace, device: torch.device, load_before: st
         reps=f"{args.reps} (figures 1 to 4), {args.scaling_reps} (figure 5)",
         load_before=load_before,
         load_after=_load(),
-        commit=_commit(),
+        commit=commit,
         command=" ".join(["python -m benchmarks", *args.argv]),
         smoke=args.smoke,
     )
@@ -146,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    load_before, start = _load(), time.perf_counter()
+    load_before, commit, start = _load(), _commit(), time.perf_counter()
     settings = Settings(args.image_size, args.batch, args.reps, device)
     # Figure 5 first: a process that has just trained the models injects up to a quarter
     # slower at depth 96 (allocator state: no module survives), which would blur its scaling.
@@ -161,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _progress(f"{name}: figures 1-4", start)
         results.append(measure_model(MODELS[name], settings))
     _progress("done", start)
-    text = render(_environment(args, device, load_before), results, scaling)
+    text = render(_environment(args, device, load_before, commit), results, scaling)
     print(text)
     if args.write:
         Path(args.write).write_text(text)

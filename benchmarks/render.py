@@ -109,32 +109,24 @@ def _targets(models: Sequence[ModelResult], scaling: dict[str, list[ScalingRow]]
 
 
 IN_PLACE_ADD = (
-    "Cause: torch.fx traces `out += identity` (torchvision BasicBlock and Bottleneck) as an "
-    "out-of-place `operator.add`, since `fx.Proxy` has no `__iadd__`, so each rewritten block "
-    "allocates a new activation where the original adds in place. Proposed fix in "
-    "`droppath_inject/tracing.py`: give `DropPathTracer` a Proxy subclass whose `__iadd__` "
-    "records `operator.iadd` (FX generates `a += b` for it, and `residuals.py` already treats "
-    "`operator.iadd` as a residual add); tried on ResNet-50, the injected eval forward then "
-    "allocates exactly what the original does, and verification passes."
+    "Known cause of this pattern (one extra activation per residual block): torch.fx traces "
+    "`out += identity` as an out-of-place add, since `fx.Proxy` has no `__iadd__`; "
+    "`DropPathTracer` records `operator.iadd` instead since commit f598698. Check that the "
+    "traced block (`print(block.code)`) still says `+=`."
 )
 SUPERLINEAR = {
-    "vit": "Causes, profiled on timm ViT depth 12 -> 96 (batch 2, 32 px, droppath_inject as of "
-    "commit 202afae): "
-    "(1) `torch.fx.Tracer.getattr` finds each parameter or buffer that a traced-through module "
-    "reads (e.g. a LayerNorm weight) by scanning `root.named_parameters()` and "
-    "`root.named_buffers()`, O(model size) per access, so the whole-model trace in "
-    "`tracing.trace_pieces` is quadratic: about half of its time at depth 96 (1.29 s -> 0.64 s "
-    "with the fix below). Proposed fix: override `getattr` in `DropPathTracer` with an "
-    "`id(tensor) -> name` dict built once per root, same graphs. (2) Python's cyclic garbage "
-    "collector: a generation-2 collection during injection traverses every live object, the "
-    "model and its graphs included: 14 % of the injection time at depth 96, 4 % at depth 12. "
-    "Proposed fix: pause it (`gc.disable()`, restored after) for the planning in "
-    "`inject_droppath`. With both, the per-node ratio 12 -> 96 measured 0.97 instead of 1.34 "
-    "(minimum of 3 runs each, side by side in one process).",
-    "resnet": "Not reproduced on a quiet machine (droppath_inject as of commit 202afae: ResNet-18 "
-    "-> 152 at 0.86 to 0.96 per node, no generation-2 collection during injection), and "
-    "ResNets read no parameter through `torch.fx.Tracer.getattr` (all sit in leaf modules): "
-    "suspect load from other processes and rerun on an idle machine.",
+    "vit": "Known causes, profiled on timm ViT depth 12 -> 96: (1) `torch.fx.Tracer.getattr` "
+    "scans `root.named_parameters()` and `named_buffers()` on every access, which made the "
+    "whole-model trace quadratic; `DropPathTracer.getattr` looks them up by identity since "
+    "commit e1f166e. (2) Python's cyclic garbage collector: a generation-2 collection during "
+    "injection traverses every live object, the model and its graphs included (14 % of the "
+    "injection time at depth 96, 4 % at depth 12, before e1f166e). Pausing it during the "
+    "planning in `inject_droppath` (`gc.disable()`, restored after) removed the rest: 0.97 "
+    "per node, depth 96 against 12.",
+    "resnet": "Not reproduced on a quiet machine (ResNet-18 -> 152 at 0.86 to 0.96 per node, no "
+    "generation-2 collection during injection), and ResNets read no parameter through "
+    "`torch.fx.Tracer.getattr` (all sit in leaf modules): suspect load from other processes "
+    "and rerun on an idle machine.",
 }
 
 
