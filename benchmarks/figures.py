@@ -30,6 +30,8 @@ from .timing import Stat, interleaved, ratios, time_call
 #: Train-step variants: the plain model, it injected, timm's native drop path, skip_compute.
 PLAIN, INJECTED, NATIVE, SKIP = "plain", "injected", "native", "skip"
 NUM_CLASSES = 1000
+#: Untimed train steps of each variant before the timed ones.
+TRAIN_WARMUP = 10
 #: Batch of the scaling figure's example input (the library's inferred batch).
 SCALING_BATCH = 2
 
@@ -210,7 +212,13 @@ def measure_model(spec: ModelSpec, settings: Settings) -> ModelResult:
     target = torch.randint(0, NUM_CLASSES, (settings.batch,), generator=torch.Generator())
     steps = {name: TrainStep(model, x, target.to(device)) for name, model in variants.items()}
     seed = settings.seed
-    train_times = interleaved(steps, reps, device, before=lambda r: torch.manual_seed(seed + r))
+
+    # Ten warm-up steps each: over its first ten steps, ConvNeXt's steps spread by +-10 %
+    # between identical copies of one model, and by +-1 % over the next ten.
+    def seeded(rep: int) -> None:
+        torch.manual_seed(seed + rep)
+
+    train_times = interleaved(steps, reps, device, warmup=TRAIN_WARMUP, before=seeded)
     train_memory: dict[str, list[MemoryUse]] = {name: [] for name in steps}
     for rep in range(min(reps, 3)):
         for name, step in steps.items():
