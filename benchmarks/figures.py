@@ -27,8 +27,9 @@ from .memory import MemoryUse, memory_use
 from .models import ModelSpec, ScalingFamily
 from .timing import Stat, interleaved, ratios, time_call
 
-#: Train-step variants: the plain model, it injected, timm's native drop path, skip_compute.
-PLAIN, INJECTED, NATIVE, SKIP = "plain", "injected", "native", "skip"
+#: Variants: the plain model, it injected, timm's native drop path, skip_compute, and a deep
+#: copy of the plain model (a control: the same work in another object).
+PLAIN, INJECTED, NATIVE, SKIP, COPY = "plain", "injected", "native", "skip", "copy"
 NUM_CLASSES = 1000
 #: Untimed train steps of each variant before the timed ones.
 TRAIN_WARMUP = 10
@@ -206,8 +207,9 @@ def measure_model(spec: ModelSpec, settings: Settings) -> ModelResult:
     device, reps = settings.device, settings.reps
 
     evals = {name: _forward(variants[name].eval(), x) for name in (PLAIN, INJECTED)}
-    eval_times = interleaved(evals, reps, device, number=3)
-    eval_memory = {name: memory_use(forward, device) for name, forward in evals.items()}
+    evals[COPY] = _forward(copy.deepcopy(base).eval(), x)
+    eval_times = interleaved(evals, reps, device, warmup=3, number=3)
+    eval_memory = {name: memory_use(evals[name], device) for name in (PLAIN, INJECTED)}
 
     target = torch.randint(0, NUM_CLASSES, (settings.batch,), generator=torch.Generator())
     steps = {name: TrainStep(model, x, target.to(device)) for name, model in variants.items()}
