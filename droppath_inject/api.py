@@ -8,6 +8,9 @@ applying or verifying it fails.
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -355,10 +358,37 @@ def inject_droppath(
     """
     drop_rates(0, max_drop, schedule)
     _check_mode(mode)
+    with _garbage_collection_paused():
+        rewrite = _Rewrite(mode, skip_compute, gather_batch_norm)
+        return _inject(model, max_drop, schedule, example_inputs, verify, rewrite, return_report)
+
+
+@contextmanager
+def _garbage_collection_paused() -> Iterator[None]:
+    """Injection allocates many small objects (graphs, nodes); a full collection in the middle
+    rescans them all, which made injection time grow faster than the model's depth."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _inject(
+    model: nn.Module,
+    max_drop: float,
+    schedule: Schedule,
+    example_inputs: Any,
+    verify: bool,
+    rewrite: _Rewrite,
+    return_report: bool,
+) -> nn.Module | tuple[nn.Module, Report]:
+    """``inject_droppath`` once its arguments are checked: plan, rewrite, verify or undo."""
     inputs = _resolve_inputs(model, example_inputs, required=verify)
     plan = _plan(model, inputs)
     rates = drop_rates(len(plan.blocks), max_drop, schedule)
-    rewrite = _Rewrite(mode, skip_compute, gather_batch_norm)
     report = Report(_site_reports(plan, rates, rewrite), plan.skipped, len(plan.blocks))
     surgery = Surgery(model)
     try:
