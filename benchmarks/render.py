@@ -132,9 +132,8 @@ SUPERLINEAR = {
     "collection during the depth-96 injection traverses every live object, the model and its "
     "graphs included (0.25 s of 2.10 s; 16 % of the injection time in collections, against "
     "4 % at depth 12), while the time outside collections stays flat per node (472 -> 491 "
-    "us). Proposed fix: pause the collector for the whole `inject_droppath` call "
-    "(`gc.disable()`, restored after; pausing only the planning does not help): measured "
-    "1.02 to 1.05 per node, depth 96 against 12, instead of 1.18 to 1.22.",
+    "us). `inject_droppath` pauses the collector for the whole call since commit f77a1ab "
+    "(`gc.disable()`, restored after; pausing only the planning did not help).",
     "resnet": "Not reproduced on a quiet machine (ResNet-18 -> 152 at 0.86 to 0.96 per node, no "
     "generation-2 collection during injection), and ResNets read no parameter through "
     "`torch.fx.Tracer.getattr` (all sit in leaf modules): suspect load from other processes "
