@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import torchvision
+from small_models import NUM_CLASSES, build_resnet18, build_vit_tiny
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 from torchvision.models.resnet import BasicBlock
@@ -33,20 +33,7 @@ from droppath_inject import (
     set_drop_rates,
 )
 
-NUM_CLASSES = 10
-
-
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def build_resnet18() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=NUM_CLASSES)
-
-
-def build_vit_tiny() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=NUM_CLASSES)
 
 
 #: How to build each model, and the class of its residual blocks (the ground truth for sites).

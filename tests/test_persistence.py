@@ -12,39 +12,20 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-import torchvision
+from small_models import BUILDERS, NUM_CLASSES
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from droppath_inject import DropPath, inject_droppath, injected_blocks, set_drop_rates
 from droppath_inject.surgery import InjectedBlock
 
-NUM_CLASSES = 10
-
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def build_resnet18() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=NUM_CLASSES)
-
-
-def build_vit_tiny() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=NUM_CLASSES)
-
-
-BUILDERS: dict[str, Callable[[], nn.Module]] = {
-    "resnet18": build_resnet18,
-    "vit_tiny": build_vit_tiny,
-}
 #: Class names of the model and of the blocks that own residual adds (from the architectures).
 CLASS_NAMES = {"resnet18": ("ResNet", "BasicBlock"), "vit_tiny": ("VisionTransformer", "Block")}
 

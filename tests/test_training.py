@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-import timm
 import torch
-import torchvision
+from small_models import BUILDERS, NUM_CLASSES
 from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.nn import functional as F
@@ -24,7 +23,6 @@ from torchvision.models.resnet import BasicBlock
 from droppath_inject import DropPath, DropPathScheduler, inject_droppath, set_drop_rates
 
 BATCH = 4
-NUM_CLASSES = 10
 SIGMAS = 5.0  # statistical checks fail a correct implementation with probability below 1e-6
 
 
@@ -37,22 +35,6 @@ def fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def build_resnet18() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=NUM_CLASSES)
-
-
-def build_vit_tiny() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=NUM_CLASSES)
-
-
-BUILDERS: dict[str, Callable[[], nn.Module]] = {
-    "resnet18": build_resnet18,
-    "vit_tiny": build_vit_tiny,
-}
 
 
 def images(batch: int = BATCH, seed: int = 1) -> Tensor:
@@ -77,10 +59,16 @@ def drop_paths(model: nn.Module) -> list[DropPath]:
 
 @contextmanager
 def recording_drop_paths(model: nn.Module) -> Iterator[list[tuple[Tensor, Tensor]]]:
-    """(input, output) of every DropPath call made while active."""
+    """(input, output) of every DropPath call made while active, as they were then.
+
+    Copies, because the model may add into them in place afterwards (torchvision's
+    ``out += identity`` adds into the DropPath output, as it added into ``out``).
+    """
     calls: list[tuple[Tensor, Tensor]] = []
     handles = [
-        m.register_forward_hook(lambda _, args, out: calls.append((args[0], out)))
+        m.register_forward_hook(
+            lambda _, args, out: calls.append((args[0].detach().clone(), out.detach().clone()))
+        )
         for m in drop_paths(model)
     ]
     try:
