@@ -6,7 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .api import find_residuals, inject_droppath
 from .control import DropPathScheduler, injected_blocks, remove_droppath, set_drop_rates
-from .errors import DropPathInjectError, ExampleInputError, TracingError, VerificationError
+from .errors import DropPathInjectError, ExampleInputError, VerificationError
 from .layers import DropPath, drop_path
 from .report import Report, Site, Skipped
 from .schedule import drop_rates
@@ -24,7 +24,6 @@ __all__ = [
     "Report",
     "Site",
     "Skipped",
-    "TracingError",
     "VerificationError",
     "__version__",
     "drop_path",

@@ -12,10 +12,6 @@ class DropPathInjectError(Exception):
     """Base class of the errors that droppath_inject raises about a model it cannot handle."""
 
 
-class TracingError(DropPathInjectError):
-    """A model, or the part of it that was needed, could not be traced into a graph."""
-
-
 class VerificationError(DropPathInjectError):
     """The rewritten model's eval outputs differ from the original's; the model was restored."""
 
