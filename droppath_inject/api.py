@@ -24,7 +24,7 @@ from .inputs import (
     propagate_shapes,
     run_eval,
 )
-from .layers import MODES, DropPath, Mode
+from .layers import DropPath, Mode, check_mode
 from .report import Report, Site, Skipped
 from .residuals import ResidualSite, find_residual_sites
 from .schedule import Schedule, drop_rates
@@ -257,11 +257,6 @@ def find_residuals(
     return Report(_site_reports(plan, rates), plan.skipped, len(plan.blocks))
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
 def _verification_failure(
     model: nn.Module, plan: _Plan, rates: list[float], rewrite: _Rewrite, inputs: ExampleInputs
 ) -> str:
@@ -357,7 +352,7 @@ def inject_droppath(
     ``droppath_inject.skipping``.
     """
     drop_rates(0, max_drop, schedule)
-    _check_mode(mode)
+    check_mode(mode)
     with _garbage_collection_paused():
         rewrite = _Rewrite(mode, skip_compute, gather_batch_norm)
         return _inject(model, max_drop, schedule, example_inputs, verify, rewrite, return_report)

@@ -24,7 +24,7 @@ def _check_drop_prob(drop_prob: float) -> None:
         raise ValueError(f"drop_prob must lie in [0, 1], got {drop_prob!r}")
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
     """Raise ValueError unless `mode` is one of MODES."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -53,7 +53,7 @@ def drop_path(
     training never sees an unused parameter.
     """
     _check_drop_prob(drop_prob)
-    _check_mode(mode)
+    check_mode(mode)
     if not training or drop_prob == 0.0:
         return x
     shape = _mask_shape(x, mode)
@@ -92,7 +92,7 @@ class DropPath(nn.Module):
     ) -> None:
         super().__init__()
         _check_drop_prob(drop_prob)
-        _check_mode(mode)
+        check_mode(mode)
         self.drop_prob = drop_prob
         self.mode = mode
         self.scale_by_keep = scale_by_keep
@@ -141,7 +141,7 @@ class SkippingDropPath(DropPath):
 
     def forward(self, skip: Tensor, *inputs: object) -> Tensor:  # type: ignore[override]
         _check_drop_prob(self.drop_prob)
-        _check_mode(self.mode)
+        check_mode(self.mode)
         if not self.training or self.drop_prob == 0.0:
             return skip + self.branch(*inputs)
         if self.mode == "batch":

@@ -7,8 +7,8 @@ branch of a residual add is cut out of its block's graph into a GraphModule of i
 - ``mode="batch"``: a dropped block's branch is not executed at all;
 - ``mode="row"``: the branch runs on the kept samples only (gathered with ``index_select``) and
   its scaled result is added back with ``index_add``. This needs a sample-independent branch:
-  one holding BatchNorm in train mode (whose batch statistics would change) or reading sizes
-  computed outside it falls back to the mask, unless ``gather_batch_norm`` opts in.
+  one holding BatchNorm in train mode (whose batch statistics would change; ``gather_batch_norm``
+  opts in), reducing over the batch, or reading sizes computed outside it keeps the mask.
 
 Keep decisions are drawn like ``drop_path`` draws its mask, so under one seed both drop the
 same samples on the CPU; batch-mode decisions are always drawn on the CPU (no device sync).
