@@ -158,15 +158,20 @@ def reference_parameters(scenario: tuple[str, str, str], world_size: int) -> dic
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def main(rank: int, world_size: int, port: int, out_dir: Path) -> None:
+def join_gloo(rank: int, world_size: int, port: int, timeout_s: int) -> None:
+    """One CPU thread, then this rank's place in a gloo group on 127.0.0.1:``port``."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=60),
+        timeout=timedelta(seconds=timeout_s),
     )
+
+
+def main(rank: int, world_size: int, port: int, out_dir: Path) -> None:
+    join_gloo(rank, world_size, port, timeout_s=60)
     results: dict[str, Any] = {}
     try:
         for scenario in SCENARIOS:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from datetime import timedelta
 from typing import Any
 
 import synthetic_models as sm
 import torch
 import torch.distributed as dist
+from ddp_worker import join_gloo
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -92,14 +92,7 @@ def run(mode: str, find_unused: bool, seed_by_rank: bool, rank: int) -> dict[str
 
 def main() -> None:
     rank, world_size, port = (int(arg) for arg in sys.argv[1:4])
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=30),
-    )
+    join_gloo(rank, world_size, port, timeout_s=30)
     results = {name: run(*config, rank) for name, *config in SCENARIOS}
     print(json.dumps(results), flush=True)
     dist.destroy_process_group()
