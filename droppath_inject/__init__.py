@@ -6,9 +6,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .api import find_residuals, inject_droppath
 from .control import DropPathScheduler, injected_blocks, remove_droppath, set_drop_rates
-from .errors import DropPathInjectError, ExampleInputError, VerificationError
+from .errors import DropPathInjectError, DropPathWarning, ExampleInputError, VerificationError
 from .layers import DropPath, drop_path
-from .report import Report, Site, Skipped
+from .report import Report, Site, SiteStatus, Skipped
 from .schedule import drop_rates
 
 try:
@@ -20,9 +20,11 @@ __all__ = [
     "DropPath",
     "DropPathScheduler",
     "DropPathInjectError",
+    "DropPathWarning",
     "ExampleInputError",
     "Report",
     "Site",
+    "SiteStatus",
     "Skipped",
     "VerificationError",
     "__version__",

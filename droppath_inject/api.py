@@ -1,241 +1,63 @@
-"""The pipeline: trace -> find residual sites -> schedule rates -> rewrite blocks -> verify.
+"""The public entry points: ``find_residuals`` (a dry run) and ``inject_droppath``.
 
-Blocks are found on a trace of the whole model (or of its largest traceable pieces), then each
-block is traced on its own, with nested blocks kept as calls, and replaced by that trace plus
-DropPath nodes. Nothing is changed until the plan is complete, and every change is undone if
-applying or verifying it fails.
+A thin façade over the stages: capture one eval run (``capture``), find the residual sites
+(``residuals``), group them into blocks (``blocks``), schedule rates (``schedule``), plan and
+apply attachments (``attach``, ``apply``), verify (``verify``). ``skip_compute=True`` takes the
+symbolic pipeline of ``traced``, which cuts branches out of rewritten blocks.
 """
 
 from __future__ import annotations
 
 import gc
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Literal, overload
 
-from torch import fx, nn
+from torch import nn
 
-from .errors import ExampleInputError, VerificationError
-from .inputs import (
-    ExampleInputs,
-    infer_example_inputs,
-    positional_arguments,
-    propagate_shapes,
-    run_eval,
-)
-from .layers import DropPath, Mode, check_mode
-from .report import Report, Site, Skipped
-from .residuals import ResidualSite, find_residual_sites
+from .apply import Attacher
+from .attach import AttachKind, Attachment
+from .droppaths import drop_path_rate_of
+from .errors import DropPathWarning, VerificationError
+from .inputs import ExampleInputs, resolve_inputs, run_eval
+from .layers import Mode, check_mode
+from .plan import Plan, make_plan, site_report
+from .report import Report, Site, SiteStatus
 from .schedule import Schedule, drop_rates
-from .skipping import describe_plan, plan_cuts
-from .surgery import InjectedBlock, Surgery, build_injected_block
-from .tracing import (
-    drop_path_rate_of,
-    mode_dependent_submodules,
-    trace_in_both_modes,
-    trace_pieces,
-)
+from .traced import Rewrite, dry_run, inject_traced
 from .verify import Verification, count_elements, outputs_equal
 
-_ROOT_OWNED = (
-    "holds a residual add in its own forward; the model object itself is never replaced "
-    "(so its class and methods survive): move the residual into a submodule to get DropPath"
-)
+Existing = Literal["rerate", "keep"]
+_EXISTING: tuple[str, ...] = ("rerate", "keep")
 
 
-def _join(prefix: str, path: str) -> str:
-    return f"{prefix}.{path}" if prefix and path else prefix or path
+def _check_arguments(max_drop: float, schedule: Schedule, mode: str, existing: str) -> None:
+    drop_rates(0, max_drop, schedule)
+    check_mode(mode)
+    if existing not in _EXISTING:
+        raise ValueError(f"existing must be one of {_EXISTING}, got {existing!r}")
 
 
-@dataclass
-class _Block:
-    """A residual block: its path in the model, its own trace, and the sites found in it."""
-
-    path: str
-    module: nn.Module
-    graph_module: fx.GraphModule
-    sites: list[ResidualSite]
-
-    def drop_path_at(self, site: ResidualSite) -> nn.Module | None:
-        if site.existing_drop_path is None:
-            return None
-        return self.graph_module.get_submodule(site.existing_drop_path)
-
-
-@dataclass(frozen=True)
-class _Rewrite:
-    """How sites are rewritten: DropPath mode, and whether dropped branches skip their work."""
-
-    mode: Mode
-    skip_compute: bool = False
-    gather_batch_norm: bool = False
-
-
-@dataclass
-class _Plan:
-    blocks: list[_Block]
-    skipped: list[Skipped]
-    reference: Any = None  # eval outputs of the unchanged model, when inputs were given
-
-
-def _find_owners(model: nn.Module, inputs: ExampleInputs | None) -> tuple[list[str], _Plan]:
-    """Paths of the modules owning residual adds, in execution order, and the plan's start.
-
-    With ``inputs``, one eval run gives the reference outputs and each piece's arguments, from
-    which shapes are propagated through the piece's graph.
-    """
-    pieces, untraceable = trace_pieces(model)
-    plan = _Plan(
-        [], [Skipped(u.path, f"not traceable ({u.reason}); its submodules were traced instead")
-             for u in untraceable]
-    )  # fmt: skip
-    if inputs is not None:
-        piece_modules = {p.path: model.get_submodule(p.path) for p in pieces}
-        plan.reference, captured = _reference_run(model, inputs, piece_modules)
-        for piece in pieces:
-            args = captured.get(piece.path)
-            positional = args and positional_arguments(piece_modules[piece.path], args)
-            if positional is not None:
-                propagate_shapes(piece.graph_module, positional)
-    owners: dict[str, None] = {}
-    for piece in pieces:
-        for site in find_residual_sites(piece.graph_module):
-            owners.setdefault(_join(piece.path, site.owner))
-    if "" in owners:
-        del owners[""]
-        plan.skipped.append(Skipped("", _ROOT_OWNED))
-    return list(owners), plan
-
-
-def _plan_block(
-    model: nn.Module, path: str, nested: list[nn.Module], inputs: ExampleInputs | None
-) -> _Block | Skipped:
-    """Trace one block on its own and find its residual sites there."""
-    module = model.get_submodule(path)
+@contextmanager
+def _garbage_collection_paused() -> Iterator[None]:
+    """Injection allocates many small objects (graph nodes); a full collection in the middle
+    rescans them all, which made injection time grow faster than the model's depth."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        graph_module, same = trace_in_both_modes(module, nested)
-        if not same:
-            leaves = nested + mode_dependent_submodules(module, graph_module, nested)
-            graph_module, same = trace_in_both_modes(module, leaves)
-    except Exception as error:  # noqa: BLE001 - reported, the block is left as it is
-        return Skipped(path, f"not traceable on its own ({type(error).__name__}: {error})")
-    if not same:
-        return Skipped(path, "its own forward branches on self.training, which tracing freezes")
-    positional = inputs and positional_arguments(module, inputs)
-    if positional is not None:
-        propagate_shapes(graph_module, positional)
-    sites = [s for s in find_residual_sites(graph_module) if s.owner == ""]
-    if not sites:
-        return Skipped(path, "no residual add found when traced on its own")
-    return _Block(path, module, graph_module, sites)
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
-def _plan(model: nn.Module, inputs: ExampleInputs | None) -> _Plan:
-    """Everything injection will do, found without changing the model."""
-    owners, plan = _find_owners(model, inputs)
-    captured: dict[str, ExampleInputs] = {}
-    if inputs is not None and owners:
-        _, captured = run_eval(model, inputs, {p: model.get_submodule(p) for p in owners})
-    for path in owners:
-        nested = [model.get_submodule(p) for p in owners if p.startswith(f"{path}.")]
-        planned = _plan_block(model, path, nested, captured.get(path))
-        if isinstance(planned, Skipped):
-            plan.skipped.append(planned)
-        else:
-            plan.blocks.append(planned)
-    return plan
-
-
-def _describe(node: fx.Node, block_path: str) -> str:
-    if node.op == "call_module":
-        return _join(block_path, str(node.target))
-    if node.op == "call_method":
-        return f".{node.target}()"
-    if node.op == "call_function":
-        return f"{getattr(node.target, '__name__', node.target)}()"
-    return node.name
-
-
-def _site_reports(plan: _Plan, rates: list[float], rewrite: _Rewrite | None = None) -> list[Site]:
-    """One line per site; with ``rewrite``, how its skipping branches would run, if requested."""
-    skip_mode = rewrite.mode if rewrite and rewrite.skip_compute else None
-    reports = []
-    for index, (block, rate) in enumerate(zip(plan.blocks, rates, strict=True)):
-        new_sites = [site for site in block.sites if site.existing_drop_path is None]
-        cuts = plan_cuts(block.graph_module, new_sites) if skip_mode else {}
-        for site in block.sites:
-            existing = block.drop_path_at(site)
-            if existing is None:
-                status, site_rate = "injected", rate
-                if skip_mode:
-                    how = describe_plan(cuts[site], skip_mode, rewrite.gather_batch_norm)
-                    status = f"injected, {how}"
-            elif isinstance(existing, DropPath):
-                status, site_rate = "updated", rate
-            else:
-                where = _join(block.path, str(site.existing_drop_path))
-                status = f"existing {where} ({type(existing).__name__})"
-                site_rate = drop_path_rate_of(existing)
-            skip = "identity" if site.skip is site.fork else _describe(site.skip, block.path)
-            reports.append(
-                Site(block.path, index, _describe(site.branch, block.path), skip, site_rate, status)
-            )
-    return reports
-
-
-def _apply(plan: _Plan, rates: list[float], rewrite: _Rewrite, surgery: Surgery) -> None:
-    """Rewrite every block that needs a DropPath, innermost first; update injected ones.
-
-    Inner blocks go first so that an outer block's copy, built from the module as it is now,
-    already holds their replacements.
-    """
-    num_blocks = len(plan.blocks)
-    order = sorted(range(num_blocks), key=lambda i: -plan.blocks[i].path.count("."))
-    for index in order:
-        block, rate = plan.blocks[index], rates[index]
-        position = (index, num_blocks)
-        if isinstance(block.module, InjectedBlock):
-            surgery.update(block.module, rate, rewrite.mode, position)
-            continue
-        new_sites = [site for site in block.sites if site.existing_drop_path is None]
-        if new_sites:
-            replacement = build_injected_block(
-                surgery.model.get_submodule(block.path),
-                block.graph_module.graph,
-                new_sites,
-                rate,
-                rewrite.mode,
-                position,
-                rewrite.skip_compute,
-                rewrite.gather_batch_norm,
-            )
-            surgery.replace(block.path, replacement)
-
-
-def _resolve_inputs(model: nn.Module, example_inputs: Any, required: bool) -> ExampleInputs | None:
-    if example_inputs is not None:
-        return ExampleInputs.from_user(example_inputs)
-    inputs = infer_example_inputs(model)
-    if inputs is None and required:
-        raise ExampleInputError(
-            f"cannot infer an example input for {type(model).__name__} (no conv, linear or "
-            "embedding layer found): pass example_inputs=..., or verify=False to skip verification"
-        )
-    return inputs
-
-
-def _reference_run(
-    model: nn.Module, inputs: ExampleInputs, capture: dict[str, nn.Module]
-) -> tuple[Any, dict[str, ExampleInputs]]:
-    """Eval outputs of the unchanged model, turning a failure into a clear input error."""
-    try:
-        return run_eval(model, inputs, capture)
-    except Exception as error:
-        raise ExampleInputError(
-            f"{type(model).__name__} failed on the example input {inputs.describe()} "
-            f"({type(error).__name__}: {error}); pass example_inputs that fit the model"
-        ) from error
+def _dry_status(plan: Plan, index: int, existing: str) -> tuple[SiteStatus, float | None]:
+    attachment = plan.sites[index].attachment
+    if not isinstance(attachment, Attachment) or attachment.kind is not AttachKind.EXISTING:
+        return SiteStatus.INJECTED, None
+    rate = drop_path_rate_of(plan.run.modules[attachment.module])
+    return (SiteStatus.KEPT if existing == "keep" else SiteStatus.RE_RATED), rate
 
 
 def find_residuals(
@@ -244,51 +66,50 @@ def find_residuals(
     *,
     max_drop: float = 0.1,
     schedule: Schedule = "linear",
+    existing: Existing = "rerate",
 ) -> Report:
-    """Dry run: the residual sites and the rates ``inject_droppath`` would give them.
+    """Dry run: the residual sites, their blocks and the rates ``inject_droppath`` would give.
 
-    The model is not changed. ``example_inputs`` (inferred when omitted, if possible) adds
-    shape checks that reject broadcasting adds.
+    The model runs once in eval mode on ``example_inputs`` (inferred when omitted, where
+    possible) and is not changed. Without any input, a symbolic ``torch.fx`` trace decides,
+    which sees only code written for it.
+
+    Args:
+        model: the model to analyse.
+        example_inputs: a tensor, a tuple of positional arguments or a dict of keyword ones.
+        max_drop: the largest rate of the schedule.
+        schedule: ``"linear"``, ``"uniform"`` or a callable ``(index, num_blocks, max_drop)``.
+        existing: how ``inject_droppath`` would treat drop paths already in the model.
+
+    Returns:
+        The ``Report``; ``verification`` is None.
+
+    Raises:
+        ExampleInputError: the model failed on the example input.
+
+    Example:
+        >>> import torchvision
+        >>> report = find_residuals(torchvision.models.resnet18())
+        >>> len(report.sites), report.num_blocks
+        (8, 8)
     """
-    drop_rates(0, max_drop, schedule)
-    inputs = _resolve_inputs(model, example_inputs, required=False)
-    plan = _plan(model, inputs)
-    rates = drop_rates(len(plan.blocks), max_drop, schedule)
-    return Report(_site_reports(plan, rates), plan.skipped, len(plan.blocks))
-
-
-def _verification_failure(
-    model: nn.Module, plan: _Plan, rates: list[float], rewrite: _Rewrite, inputs: ExampleInputs
-) -> str:
-    """Why verification failed, for the error: a broken block, or an irreproducible model."""
-    if not outputs_equal(plan.reference, run_eval(model, inputs)[0]):
-        return (
-            f"{type(model).__name__} gives different eval outputs on two runs of the same input, "
-            "so bit-identity cannot be checked; the model was restored. Make its eval forward "
-            "deterministic, or pass verify=False"
+    _check_arguments(max_drop, schedule, "row", existing)
+    inputs = resolve_inputs(model, example_inputs, required=False)
+    if inputs is None:
+        return dry_run(model, max_drop, schedule)
+    with _garbage_collection_paused():
+        plan = make_plan(model, inputs)
+    rates = drop_rates(plan.num_blocks, max_drop, schedule)
+    sites = []
+    for index, planned in enumerate(plan.sites):
+        status, current = _dry_status(plan, index, existing)
+        rate = (
+            current
+            if status is SiteStatus.KEPT and current is not None
+            else rates[planned.block_index]
         )
-    culprit = _first_broken_block(model, plan, rates, rewrite, inputs)
-    return (
-        f"eval outputs changed after rewriting {culprit}; the model was restored. "
-        "Please report this model; inject_droppath(..., verify=False) skips the check"
-    )
-
-
-def _first_broken_block(
-    model: nn.Module, plan: _Plan, rates: list[float], rewrite: _Rewrite, inputs: ExampleInputs
-) -> str:
-    """The first block whose rewrite alone changes the eval outputs (for the error message)."""
-    for index, block in enumerate(plan.blocks):
-        single = _Plan([block], [])
-        surgery = Surgery(model)
-        try:
-            _apply(single, [rates[index]], rewrite, surgery)
-            broken = not outputs_equal(plan.reference, run_eval(model, inputs)[0])
-        finally:
-            surgery.undo()
-        if broken:
-            return block.path
-    return "the combination of all blocks"
+        sites.append(site_report(planned, rate, status, current))
+    return Report(sites, [], plan.num_blocks)
 
 
 @overload
@@ -300,6 +121,7 @@ def inject_droppath(
     mode: Mode = ...,
     example_inputs: Any = ...,
     verify: bool = ...,
+    existing: Existing = ...,
     skip_compute: bool = ...,
     gather_batch_norm: bool = ...,
     return_report: Literal[False] = ...,
@@ -315,6 +137,7 @@ def inject_droppath(
     mode: Mode = ...,
     example_inputs: Any = ...,
     verify: bool = ...,
+    existing: Existing = ...,
     skip_compute: bool = ...,
     gather_batch_norm: bool = ...,
     return_report: Literal[True],
@@ -329,73 +152,174 @@ def inject_droppath(
     mode: Mode = "row",
     example_inputs: Any = None,
     verify: bool = True,
+    existing: Existing = "rerate",
     skip_compute: bool = False,
     gather_batch_norm: bool = False,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, Report]:
     """Put DropPath on every residual branch of ``model``, in place, and return the model.
 
-    Block ``i`` of ``L`` (in execution order) gets ``schedule``'s rate (linear: ``max_drop *
-    i / (L - 1)``); both adds of a block share it. Only the blocks owning residual adds are
-    replaced, by traced copies sharing their parameters, so the model's class, methods and
-    ``state_dict()`` keys are kept. DropPath modules from an earlier call get the new rates;
-    drop paths the model already had (timm ``DropPath``, torchvision ``StochasticDepth``) are
-    reported and keep their own rates. With ``verify`` (the default) eval outputs on
-    ``example_inputs`` (inferred when omitted) must stay bit-identical, or the model is
-    restored and ``VerificationError`` names the block. ``return_report=True`` also returns
-    the ``Report``.
+    The model runs once in eval mode on ``example_inputs`` (inferred when omitted, where
+    possible), which shows every residual add its own Python computes, however it is written.
+    Block ``i`` of ``L`` in execution order gets ``schedule``'s rate (linear: ``max_drop * i /
+    (L - 1)``); the adds of one layer share it. Each DropPath is attached, not traced in: a
+    forward hook on the module computing the branch, or the ``nn.Identity`` drop-path slot
+    timm and Hugging Face leave at rate 0. Blocks keep their class, code, hooks and
+    ``state_dict()`` keys. Drop paths already on a branch (timm, torchvision, Hugging Face,
+    an earlier call) are re-rated to the schedule (``existing="keep"`` leaves foreign ones).
 
-    ``skip_compute=True`` makes dropped branches cost nothing: in ``mode="batch"`` a dropped
-    branch is not run; in ``mode="row"`` it runs on the kept samples only, where the branch is
-    sample-independent (BatchNorm in train mode is not: such branches use the mask unless
-    ``gather_batch_norm=True`` accepts batch statistics from the kept samples only). See
-    ``droppath_inject.skipping``.
+    Args:
+        model: the model, changed in place.
+        max_drop: the rate of the deepest block (linear schedule).
+        schedule: ``"linear"``, ``"uniform"`` or a callable ``(index, num_blocks, max_drop)``.
+        mode: ``"row"`` (one decision per sample) or ``"batch"`` (one for the whole batch).
+        example_inputs: a tensor, a tuple of positional arguments or a dict of keyword ones.
+        verify: check that eval outputs stay bit-identical (else the model is restored).
+        existing: ``"rerate"`` or ``"keep"`` the rates of drop paths the model already has.
+        skip_compute: dropped branches are not computed (``mode="batch"``) or computed on the
+            kept samples only (``mode="row"``); see ``droppath_inject.skipping``. The blocks are
+            then rewritten from symbolic traces.
+        gather_batch_norm: with ``skip_compute`` in row mode, accept BatchNorm statistics of
+            the kept samples only.
+        return_report: also return the ``Report``.
+
+    Returns:
+        The model, or ``(model, report)`` with ``return_report=True``.
+
+    Raises:
+        ExampleInputError: no input could be inferred, or the model failed on it.
+        VerificationError: eval outputs changed; the model was restored.
+
+    Warns:
+        DropPathWarning: no residual site was found, or some got no DropPath.
+
+    Example:
+        >>> import torchvision
+        >>> model = inject_droppath(torchvision.models.resnet18(), max_drop=0.1)
+        >>> sum(type(m).__name__ == "DropPath" for m in model.modules())
+        8
     """
-    drop_rates(0, max_drop, schedule)
-    check_mode(mode)
+    _check_arguments(max_drop, schedule, mode, existing)
     with _garbage_collection_paused():
-        rewrite = _Rewrite(mode, skip_compute, gather_batch_norm)
-        return _inject(model, max_drop, schedule, example_inputs, verify, rewrite, return_report)
-
-
-@contextmanager
-def _garbage_collection_paused() -> Iterator[None]:
-    """Injection allocates many small objects (graphs, nodes); a full collection in the middle
-    rescans them all, which made injection time grow faster than the model's depth."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+        if skip_compute:
+            rewrite = Rewrite(mode, skip_compute, gather_batch_norm)
+            report = inject_traced(model, max_drop, schedule, example_inputs, verify, rewrite)
+        else:
+            report = _inject(model, max_drop, schedule, mode, example_inputs, verify, existing)
+    _warn_if_little_happened(model, report)
+    return (model, report) if return_report else model
 
 
 def _inject(
     model: nn.Module,
     max_drop: float,
     schedule: Schedule,
+    mode: Mode,
     example_inputs: Any,
     verify: bool,
-    rewrite: _Rewrite,
-    return_report: bool,
-) -> nn.Module | tuple[nn.Module, Report]:
-    """``inject_droppath`` once its arguments are checked: plan, rewrite, verify or undo."""
-    inputs = _resolve_inputs(model, example_inputs, required=verify)
-    plan = _plan(model, inputs)
-    rates = drop_rates(len(plan.blocks), max_drop, schedule)
-    report = Report(_site_reports(plan, rates, rewrite), plan.skipped, len(plan.blocks))
-    surgery = Surgery(model)
+    existing: str,
+) -> Report:
+    """Capture, plan, attach, verify; every change is undone if any step fails."""
+    inputs = resolve_inputs(model, example_inputs, required=True)
+    assert inputs is not None
+    plan = make_plan(model, inputs)
+    rates = drop_rates(plan.num_blocks, max_drop, schedule)
+    attacher = Attacher(model, mode, rerate_existing=existing == "rerate")
     try:
-        _apply(plan, rates, rewrite, surgery)
-        if inputs is not None and verify:
-            outputs, _ = run_eval(model, inputs)
-            passed = outputs_equal(plan.reference, outputs)
-            report.verification = Verification(passed, count_elements(outputs), inputs.describe())
-            if not passed:
-                surgery.undo()
-                raise VerificationError(_verification_failure(model, plan, rates, rewrite, inputs))
+        sites = _attach_all(plan, rates, attacher)
+        report = Report(sites, [], plan.num_blocks)
+        if verify:
+            report.verification = _verify(model, plan, rates, attacher, inputs)
     except BaseException:
-        surgery.undo()
+        attacher.undo()
         raise
-    return (model, report) if return_report else model
+    return report
+
+
+def _attach_all(plan: Plan, rates: list[float], attacher: Attacher) -> list[Site]:
+    sites = []
+    for planned in plan.sites:
+        rate = rates[planned.block_index]
+        if isinstance(planned.attachment, Attachment):
+            place = (planned.block_index, plan.num_blocks)
+            outcome = attacher.attach(planned.attachment, rate, place)
+            sites.append(site_report(planned, outcome.rate, outcome.status, outcome.previous_rate))
+        else:
+            sites.append(site_report(planned, rate, SiteStatus.SKIPPED))
+    return sites
+
+
+def _verify(
+    model: nn.Module, plan: Plan, rates: list[float], attacher: Attacher, inputs: ExampleInputs
+) -> Verification:
+    """Eval outputs after attaching against the captured ones; raises (model restored) if not
+    bit-identical.
+
+    The captured run went through a ``TorchFunctionMode``, which turns off fused fast paths
+    (``nn.TransformerEncoderLayer`` in eval); a mismatch is therefore checked once more against
+    a plain run of the unchanged model before it counts.
+    """
+    outputs, _ = run_eval(model, inputs)
+    elements = count_elements(outputs)
+    if outputs_equal(plan.run.outputs, outputs):
+        return Verification(True, elements, inputs.describe())
+    attacher.undo()
+    plain, _ = run_eval(model, inputs)
+    if outputs_equal(plain, outputs):
+        _attach_all(plan, rates, attacher)
+        return Verification(True, elements, inputs.describe())
+    if not outputs_equal(plain, run_eval(model, inputs)[0]):
+        raise VerificationError(
+            f"{type(model).__name__} gives different eval outputs on two runs of the same input, "
+            "so bit-identity cannot be checked; the model was restored. Make its eval forward "
+            "deterministic, or pass verify=False"
+        )
+    culprit = _first_broken_site(model, plan, rates, attacher, inputs, plain)
+    raise VerificationError(
+        f"eval outputs changed after attaching a DropPath to {culprit}; the model was restored. "
+        "Please report this model; inject_droppath(..., verify=False) skips the check"
+    )
+
+
+def _first_broken_site(
+    model: nn.Module,
+    plan: Plan,
+    rates: list[float],
+    attacher: Attacher,
+    inputs: ExampleInputs,
+    reference: Any,
+) -> str:
+    for planned in plan.sites:
+        if not isinstance(planned.attachment, Attachment):
+            continue
+        place = (planned.block_index, plan.num_blocks)
+        attacher.attach(planned.attachment, rates[planned.block_index], place)
+        broken = not outputs_equal(reference, run_eval(model, inputs)[0])
+        attacher.undo()
+        if broken:
+            return planned.attachment.module or "the model"
+    return "the combination of all sites"
+
+
+def _warn_if_little_happened(model: nn.Module, report: Report) -> None:
+    """Say so when nothing was found, or some sites or modules got no DropPath."""
+    name = type(model).__name__
+    if not report.sites:
+        reasons = "; ".join(f"{s.module or '<model>'}: {s.reason}" for s in report.skipped[:3])
+        warnings.warn(
+            f"no residual site found in {name}: nothing was injected"
+            + (f" ({reasons})" if reasons else ""),
+            DropPathWarning,
+            stacklevel=3,
+        )
+        return
+    missed = [s for s in report.sites if s.status is SiteStatus.SKIPPED]
+    if missed or report.skipped:
+        reasons = [f"{s.branch}: {s.detail}" for s in missed[:3]]
+        reasons += [f"{s.module or '<model>'}: {s.reason}" for s in report.skipped[:3]]
+        warnings.warn(
+            f"{len(missed)} of {len(report.sites)} residual sites of {name} got no DropPath"
+            f" and {len(report.skipped)} modules were left untouched: " + "; ".join(reasons[:3]),
+            DropPathWarning,
+            stacklevel=3,
+        )

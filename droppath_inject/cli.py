@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from enum import IntEnum
@@ -22,10 +23,16 @@ from torch import nn
 
 from . import __version__
 from .api import find_residuals, inject_droppath
-from .errors import DropPathInjectError, ExampleInputError, VerificationError
+from .errors import (
+    DropPathInjectError,
+    DropPathWarning,
+    ExampleInputError,
+    NoResidualError,
+    VerificationError,
+)
 from .inputs import ExampleInputs, infer_example_inputs, run_eval
 from .layers import MODES
-from .report import Report
+from .report import Report, SiteStatus
 from .schedule import SCHEDULES
 from .sources import SourceError, load_source, parse_spec
 from .verify import Verification, count_elements, outputs_equal
@@ -44,6 +51,7 @@ class ExitCode(IntEnum):
     MODEL = 4
     VERIFICATION = 5
     OUTPUT = 6
+    NO_RESIDUAL = 7
     INTERRUPTED = 130
 
 
@@ -64,6 +72,7 @@ exit codes:
   5    verification failed: eval outputs changed, in memory or in the written file
   6    output refused or failed: it exists (without --force), it is the input, its directory is
        missing or not writable
+  7    no residual site found (or none could take a DropPath): nothing written
   130  interrupted
 On any error nothing is written.
 """
@@ -269,33 +278,41 @@ def _inject(
     args: argparse.Namespace, model: nn.Module, inputs: ExampleInputs | None
 ) -> tuple[nn.Module, Report]:
     """``inject_droppath`` with the command's options; its verification hint in CLI terms."""
-    try:
-        return inject_droppath(
-            model,
-            args.max_drop,
-            schedule=args.schedule,
-            mode=args.mode,
-            example_inputs=inputs,
-            verify=not args.no_verify,
-            return_report=True,
+    if inputs is None:
+        raise ExampleInputError(
+            f"cannot infer an input for {type(model).__name__} (no conv, linear or "
+            "embedding layer): pass --input-shape"
         )
+    try:
+        with warnings.catch_warnings():  # the report says what was skipped, and the CLI why
+            warnings.simplefilter("ignore", DropPathWarning)
+            model, report = inject_droppath(
+                model,
+                args.max_drop,
+                schedule=args.schedule,
+                mode=args.mode,
+                example_inputs=inputs,
+                verify=not args.no_verify,
+                return_report=True,
+            )
     except VerificationError as error:
         raise VerificationError(f"{error} (here: --no-verify)") from None
+    if not report.sites:
+        raise NoResidualError("no residual site found: nothing written")
+    if all(site.status is SiteStatus.SKIPPED for site in report.sites):
+        print(report.table())
+        raise NoResidualError(
+            f"none of the {len(report.sites)} residual sites could take a DropPath "
+            f"({report.sites[0].detail}): nothing written"
+        )
+    return model, report
 
 
 def _inject_and_write(
     args: argparse.Namespace, model: nn.Module, inputs: ExampleInputs | None, out: Path
 ) -> tuple[Report, Verification | None]:
     """Inject, print the report, then write ``out`` and compare the written model's outputs."""
-    if args.no_verify:
-        reference = None
-    elif inputs is None:
-        raise ExampleInputError(
-            f"cannot infer an input for {type(model).__name__} (no conv, linear or "
-            "embedding layer): pass --input-shape, or --no-verify"
-        )
-    else:
-        reference = _reference_outputs(model, inputs)
+    reference = None if args.no_verify or inputs is None else _reference_outputs(model, inputs)
     model, report = _inject(args, model, inputs)
     print(report.table())
     written = _write_model(model, out, None if args.no_verify else inputs, reference, args.force)
@@ -331,6 +348,7 @@ _EXIT_CODES: tuple[tuple[type[DropPathInjectError], ExitCode], ...] = (
     (SourceError, ExitCode.SOURCE),
     (OutputError, ExitCode.OUTPUT),
     (VerificationError, ExitCode.VERIFICATION),
+    (NoResidualError, ExitCode.NO_RESIDUAL),
     (DropPathInjectError, ExitCode.MODEL),
 )
 

@@ -3,58 +3,108 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from torch import nn
 
+from .apply import detach, scheduled_drop_paths
+from .droppaths import set_drop_path_rate
 from .errors import DropPathInjectError
 from .schedule import Schedule, drop_rates
 from .surgery import InjectedBlock, restore_original
 
 
 def injected_blocks(model: nn.Module) -> list[tuple[str, InjectedBlock]]:
-    """The blocks ``inject_droppath`` rewrote, with their paths, outermost first."""
+    """The blocks ``inject_droppath(skip_compute=True)`` rewrote, with their paths, outermost
+    first."""
     return [(path, m) for path, m in model.named_modules() if isinstance(m, InjectedBlock)]
 
 
-def _require_injected(model: nn.Module) -> list[tuple[str, InjectedBlock]]:
-    blocks = injected_blocks(model)
-    if not blocks:
+@dataclass(frozen=True)
+class _Scheduled:
+    """A drop path under the package's schedule: where it is and which block it belongs to."""
+
+    path: str
+    block_index: int
+    num_blocks: int
+    set_rate: Callable[[float], None]
+
+
+def _scheduled(model: nn.Module) -> list[_Scheduled]:
+    found = [
+        _Scheduled(path, place.block_index, place.num_blocks, partial(set_drop_path_rate, module))
+        for path, module, place in scheduled_drop_paths(model)
+    ]
+    for path, block in injected_blocks(model):
+        info = block.droppath_info
+        for drop in block.drop_paths:
+            found.append(
+                _Scheduled(
+                    path, info.block_index, info.num_blocks, partial(setattr, drop, "drop_prob")
+                )
+            )
+    return found
+
+
+def _require_injected(model: nn.Module) -> list[_Scheduled]:
+    scheduled = _scheduled(model)
+    if not scheduled:
         raise DropPathInjectError(
-            f"{type(model).__name__} holds no block rewritten by inject_droppath; call it first"
+            f"{type(model).__name__} holds no DropPath placed by inject_droppath; call it first"
         )
-    return blocks
+    return scheduled
 
 
 def set_drop_rates(model: nn.Module, max_drop: float, schedule: Schedule = "linear") -> list[float]:
-    """Re-schedule every injected DropPath in place; returns the rate of each block by index.
+    """Re-schedule every DropPath ``inject_droppath`` placed or re-rated, in place.
 
-    Blocks keep the positions they were given at injection (including blocks whose drop path
-    the model already had), so ``schedule`` spreads ``max_drop`` exactly as injection did.
-    Cheap enough to call every step: it only sets attributes.
+    Blocks keep the positions they were given at injection, so ``schedule`` spreads
+    ``max_drop`` exactly as injection did. Cheap enough to call every step: it only sets
+    attributes.
+
+    Args:
+        model: a model given to ``inject_droppath`` (or one containing it).
+        max_drop: the new largest rate.
+        schedule: ``"linear"``, ``"uniform"`` or a callable ``(index, num_blocks, max_drop)``.
+
+    Returns:
+        The rate of each block, by block index.
+
+    Raises:
+        DropPathInjectError: the model holds no injected DropPath, or the DropPaths of separate
+            calls with different block counts.
     """
-    blocks = _require_injected(model)
-    sizes = {block.droppath_info.num_blocks: path for path, block in reversed(blocks)}
+    scheduled = _require_injected(model)
+    sizes: dict[int, str] = {}
+    for entry in scheduled:
+        sizes.setdefault(entry.num_blocks, entry.path.rpartition(".")[0] or entry.path)
     if len(sizes) > 1:  # positions of separate injections index schedules of different lengths
         parts = ", ".join(f"{size} blocks from {path}" for size, path in sorted(sizes.items()))
         raise DropPathInjectError(
             f"{type(model).__name__} holds blocks of separate inject_droppath calls ({parts}): "
             "call set_drop_rates on each injected part"
         )
-    num_blocks = blocks[0][1].droppath_info.num_blocks
-    rates = drop_rates(num_blocks, max_drop, schedule)
-    for _, block in blocks:
-        for drop in block.drop_paths:
-            drop.drop_prob = rates[block.droppath_info.block_index]
+    rates = drop_rates(scheduled[0].num_blocks, max_drop, schedule)
+    for entry in scheduled:
+        entry.set_rate(rates[entry.block_index])
     return rates
 
 
 def remove_droppath(model: nn.Module) -> nn.Module:
-    """Put back the original blocks (same objects, current weights), in place; returns ``model``.
+    """Take out every DropPath ``inject_droppath`` added, in place; returns ``model``.
 
-    The result no longer needs this package, so it can be exported or deployed as it was.
+    Hooks are removed, drop-path slots get their ``nn.Identity`` back, re-rated drop paths
+    their original rates, rewritten blocks (``skip_compute``) their original objects with the
+    current weights. The result no longer needs this package, so it can be exported or
+    deployed as it was.
+
+    Raises:
+        DropPathInjectError: the model holds no injected DropPath.
     """
     _require_injected(model)
+    detach(model)
     while blocks := injected_blocks(model):
         path, block = blocks[0]
         parent_path, _, name = path.rpartition(".")

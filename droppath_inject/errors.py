@@ -18,3 +18,11 @@ class VerificationError(DropPathInjectError):
 
 class ExampleInputError(DropPathInjectError):
     """No example input could be inferred, or the model failed on the one it was given."""
+
+
+class NoResidualError(DropPathInjectError):
+    """The command line found no residual site to give a DropPath, so it wrote nothing."""
+
+
+class DropPathWarning(UserWarning):
+    """Injection did little: no residual site was found, or some got no DropPath."""

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
+from .errors import ExampleInputError
 from .tracing import training_mode
 
 #: Batch size of inferred inputs: 2, so that per-sample ops and batch statistics are exercised.
@@ -47,6 +48,19 @@ class ExampleInputs:
         return ", ".join(
             str(tuple(v.shape)) if isinstance(v, Tensor) else type(v).__name__ for v in values
         )
+
+
+def resolve_inputs(model: nn.Module, example_inputs: Any, required: bool) -> ExampleInputs | None:
+    """``example_inputs`` as given, else an inferred input, else None (or an error if required)."""
+    if example_inputs is not None:
+        return ExampleInputs.from_user(example_inputs)
+    inputs = infer_example_inputs(model)
+    if inputs is None and required:
+        raise ExampleInputError(
+            f"cannot infer an example input for {type(model).__name__} (no conv, linear or "
+            "embedding layer found): pass example_inputs=... (the arguments of one forward call)"
+        )
+    return inputs
 
 
 def _first_weight_layer(model: nn.Module) -> nn.Module | None:

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
+from .skipping import SkipPlan
 from .verify import Verification
+
+
+class SiteStatus(Enum):
+    """What became of a residual site."""
+
+    INJECTED = "injected"  # a new DropPath of this package carries the schedule's rate
+    RE_RATED = "re-rated"  # a drop path already there was given the schedule's rate
+    KEPT = "kept"  # a drop path already there keeps its own rate (existing="keep")
+    SKIPPED = "skipped"  # no DropPath could be attached; ``detail`` says why
 
 
 @dataclass(frozen=True)
 class Site:
     """One residual add: its owner block, the branch and skip operands, and the rate applied.
 
-    ``drop_path`` says what carries the rate: ``"injected"``, ``"updated"`` (a DropPath from an
-    earlier injection, given the new rate) or ``"existing <path> (<Class>)"`` for a drop path
-    the model already had, whose rate is left as it was.
+    ``branch`` names what computes the branch (its module, where there is one); ``attached_to``
+    is the module carrying the rate (a hooked module, a drop-path slot or an existing drop
+    path); ``previous_rate`` is an existing drop path's rate before re-rating; ``detail`` is
+    free text for people (how skip-compute runs, why a site was skipped), never parsed.
     """
 
     owner: str
@@ -22,7 +34,24 @@ class Site:
     branch: str
     skip: str
     rate: float
-    drop_path: str
+    status: SiteStatus
+    attached_to: str = ""
+    how: str = ""
+    previous_rate: float | None = None
+    detail: str = ""
+    skip_compute: SkipPlan | None = None
+
+    def describe(self) -> str:
+        """The status as the report's table shows it."""
+        if self.status is SiteStatus.RE_RATED and self.previous_rate is not None:
+            text = f"re-rated {self.previous_rate:.2f} -> {self.rate:.2f}"
+        else:
+            text = self.status.value
+        if self.how:
+            text += f" ({self.how} {self.attached_to})" if self.attached_to else f" ({self.how})"
+        if self.skip_compute is not None:
+            text += f", {self.skip_compute.describe()}"
+        return f"{text}: {self.detail}" if self.detail else text
 
 
 @dataclass(frozen=True)
@@ -31,6 +60,18 @@ class Skipped:
 
     module: str
     reason: str
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value == 0.0:
+        return 0.0  # never -0.0
+    return value
 
 
 @dataclass
@@ -44,18 +85,19 @@ class Report:
 
     @property
     def injected(self) -> list[Site]:
-        """Sites that carry a DropPath of this package (new or updated)."""
-        return [s for s in self.sites if s.drop_path.startswith(("injected", "updated"))]
+        """Sites that carry the schedule's rate (a new DropPath, or a re-rated drop path)."""
+        return [s for s in self.sites if s.status in (SiteStatus.INJECTED, SiteStatus.RE_RATED)]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON."""
-        return asdict(self)
+        """Plain data for JSON (enums as their values)."""
+        data: dict[str, Any] = _plain(asdict(self))
+        return data
 
     def table(self) -> str:
         """A readable, fixed-width rendering."""
         header = ("#", "block", "branch", "skip", "rate", "drop path")
         rows = [
-            (str(s.block_index), s.owner, s.branch, s.skip, f"{s.rate:.4f}", s.drop_path)
+            (str(s.block_index), s.owner, s.branch, s.skip, f"{s.rate + 0.0:.4f}", s.describe())
             for s in self.sites
         ]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .droppaths import is_drop_path_module
 from .layers import SkippingDropPath
-from .tracing import is_drop_path_module
 
 _ADD_FUNCTIONS = frozenset(
     {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
@@ -32,10 +32,20 @@ _WEIGHT_FUNCTIONS = frozenset(
         F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
         F.scaled_dot_product_attention, F.multi_head_attention_forward,
         torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
-        torch.einsum,
+        torch.einsum, torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu,
+        torch._native_multi_head_attention, torch.conv_tbc, torch.addbmm,
     }
 )  # fmt: skip
-_WEIGHT_METHODS = frozenset({"matmul", "__matmul__", "mm", "bmm"})
+_WEIGHT_METHODS = frozenset(
+    {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm"}
+)
+_SUM_FUNCTIONS = frozenset(
+    {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
+)
+_SUM_METHODS = frozenset(
+    {"add", "add_", "sub", "sub_", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__",
+     "__isub__"}
+)  # fmt: skip
 
 _METADATA_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
 _METADATA_METHODS = frozenset({"size", "dim", "numel", "stride", "is_contiguous", "element_size"})
@@ -57,7 +67,9 @@ class ResidualSite:
     ``owner`` is the path (relative to the traced module) of the innermost module whose forward
     contains the add and both of its sides; ``branch_region`` holds the tensor ops computed
     from the fork on the way to the branch operand (inclusive), in execution order;
-    ``existing_drop_path`` names a drop-path module already on the branch, if any.
+    ``existing_drop_path`` names a drop-path module already on the branch, if any;
+    ``owner_call`` is the key of the owner's call in ``nn_module_stack``, and ``weightless``
+    says the branch won on parameterized ops alone (no conv, linear, matmul or attention).
     """
 
     add: fx.Node
@@ -69,6 +81,8 @@ class ResidualSite:
     branch_depth: int
     skip_depth: int
     existing_drop_path: str | None
+    owner_call: str = ""
+    weightless: bool = False
 
 
 def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -97,12 +111,16 @@ def is_inplace_add(node: fx.Node) -> bool:
 class _GraphFacts:
     """Per-graph lookups shared by every candidate add: topological index, tensor-ness, modules."""
 
-    def __init__(self, graph_module: fx.GraphModule) -> None:
-        self.nodes = list(graph_module.graph.nodes)
+    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
+        self.nodes = list(graph.nodes)
         self.index = {node: i for i, node in enumerate(self.nodes)}
-        self.modules = dict(graph_module.named_modules())
+        self.modules = modules
         self.shapes_known = any("tensor_meta" in n.meta for n in self.nodes)
         self._tensor: dict[fx.Node, bool] = {}
+        self.data: set[fx.Node] = set()  # nodes computed from a forward argument
+        for node in self.nodes:
+            if node.op == "placeholder" or any(n in self.data for n in node.all_input_nodes):
+                self.data.add(node)
 
     def is_tensor(self, node: fx.Node) -> bool:
         """Whether ``node`` produces tensor data (not a shape, dtype or other metadata)."""
@@ -127,6 +145,23 @@ class _GraphFacts:
     def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
         return [n for n in node.all_input_nodes if self.is_tensor(n)]
 
+    def data_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """Tensor inputs computed from a forward argument (not parameters or constants)."""
+        return [n for n in node.all_input_nodes if n in self.data and self.is_tensor(n)]
+
+    def is_dead(self, node: fx.Node) -> bool:
+        """A value nothing reads: an unused output such as attention weights or an RNN state."""
+        return not node.users and node.op != "output"
+
+    def is_sum(self, node: fx.Node) -> bool:
+        """An elementwise add or subtraction."""
+        return (node.op == "call_function" and node.target in _SUM_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _SUM_METHODS
+        )
+
+    def is_subtraction(self, node: fx.Node) -> bool:
+        return self.is_sum(node) and "sub" in getattr(node.target, "__name__", str(node.target))
+
     def shape(self, node: fx.Node) -> tuple[int, ...] | None:
         meta = node.meta.get("tensor_meta")
         return tuple(meta.shape) if hasattr(meta, "shape") else None
@@ -136,7 +171,9 @@ class _GraphFacts:
         if node.op == "call_module":
             module = self.modules[node.target]
             return not is_drop_path_module(module) and any(True for _ in module.parameters())
-        return self.is_weight_op(node) or any(n.op == "get_attr" for n in node.all_input_nodes)
+        return self.is_weight_op(node) or any(
+            n.op == "get_attr" and not n.meta.get("constant") for n in node.all_input_nodes
+        )
 
     def is_weight_op(self, node: fx.Node) -> bool:
         """Conv, linear, matmul, attention, or a leaf module holding weights (norms excluded)."""
@@ -171,7 +208,7 @@ def _latest_common_ancestor(facts: _GraphFacts, a: fx.Node, b: fx.Node) -> fx.No
             pending[side] -= bool(mark & side)
         if mark == 3:
             return node
-        for parent in facts.tensor_inputs(node):
+        for parent in facts.data_inputs(node):
             previous = marks.get(parent, 0)
             if previous | mark == previous:
                 continue
@@ -207,15 +244,54 @@ def _region(facts: _GraphFacts, fork: fx.Node, operand: fx.Node) -> list[fx.Node
 def _is_closed(facts: _GraphFacts, region: list[fx.Node], add: fx.Node) -> bool:
     """No tensor computed inside ``region`` is used outside it (or returned) except by ``add``.
 
-    Users that only read metadata (``x.shape``, ``x.size(0)``) are not leaks.
+    Users that only read metadata (``x.shape``, ``x.size(0)``) and unused values (the
+    attention weights of ``out, _ = mha(q, k, v)``) are not leaks.
     """
     inside = set(region)
     inside.add(add)
     return all(
-        user in inside or (user.op != "output" and not facts.is_tensor(user))
+        user in inside
+        or (user.op != "output" and (not facts.is_tensor(user) or facts.is_dead(user)))
         for node in region
         for user in node.users
     )
+
+
+def _subtracts_parallel_paths(facts: _GraphFacts, fork: fx.Node, region: list[fx.Node]) -> bool:
+    """The region subtracts two values both computed from ``fork`` (``mixer(x) - norm(x)``)."""
+    members = {fork, *region}
+    return any(
+        facts.is_subtraction(node) and sum(n in members for n in facts.data_inputs(node)) >= 2
+        for node in region
+    )
+
+
+def _derived_avoiding(facts: _GraphFacts, fork: fx.Node, value: fx.Node, avoid: fx.Node) -> bool:
+    """``value`` is computed from ``fork`` along a path that does not pass through ``avoid``."""
+    start = facts.index[fork]
+    seen = {value}
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if node is fork:
+            return True
+        for parent in facts.data_inputs(node):
+            if parent is not avoid and parent not in seen and facts.index[parent] >= start:
+                seen.add(parent)
+                stack.append(parent)
+    return False
+
+
+def _summed_with_parallel_path(facts: _GraphFacts, fork: fx.Node, add: fx.Node) -> bool:
+    """The add's result is summed with another value computed from ``fork`` beside it, as in
+    MobileOne's ``out = conv_scale(x) + identity_bn(x); out += conv_kxk(x)``."""
+    for user in add.users:
+        if not facts.is_sum(user):
+            continue
+        others = [n for n in facts.data_inputs(user) if n is not add]
+        if any(_derived_avoiding(facts, fork, other, add) for other in others):
+            return True
+    return False
 
 
 def _chain_depth(
@@ -233,11 +309,17 @@ def _module_path(node: fx.Node) -> list[str]:
     return [qualname for qualname, _ in node.meta.get("nn_module_stack", {}).values()]
 
 
-def _common_owner(nodes: Iterable[fx.Node]) -> str:
-    """The innermost module path that every node's module stack passes through."""
+def _call_keys(node: fx.Node) -> list[str]:
+    return list(node.meta.get("nn_module_stack", {}))
+
+
+def _common_owner(
+    nodes: Iterable[fx.Node], path_of: Callable[[fx.Node], list[str]] = _module_path
+) -> str:
+    """The innermost module path (or call key) that every node's module stack passes through."""
     common: list[str] | None = None
     for node in nodes:
-        path = _module_path(node)
+        path = path_of(node)
         if common is None:
             common = path
             continue
@@ -271,7 +353,8 @@ def _classify(facts: _GraphFacts, add: fx.Node) -> ResidualSite | None:
     depth_a, depth_b = (
         _chain_depth(facts, fork, r, facts.is_weight_op) for r in (region_a, region_b)
     )
-    if depth_a == depth_b == 0:  # e.g. a norm + pooling token mixer (PoolFormer) against identity
+    weightless = depth_a == depth_b == 0
+    if weightless:  # e.g. a norm + pooling token mixer (PoolFormer) against identity
         depth_a, depth_b = (
             _chain_depth(facts, fork, r, facts.has_parameters) for r in (region_a, region_b)
         )
@@ -283,6 +366,15 @@ def _classify(facts: _GraphFacts, add: fx.Node) -> ResidualSite | None:
         branch, skip, branch_region, skip_region = b, a, region_b, region_a
     if is_inplace_add(add) and branch is operands[0] and len(branch.users) > 1:
         return None  # the mutated branch is read after the add: no edge to cut
+    if (
+        not weightless
+        and max(depth_a, depth_b) == 1
+        and (
+            _subtracts_parallel_paths(facts, fork, branch_region)
+            or _summed_with_parallel_path(facts, fork, add)
+        )
+    ):
+        return None  # one layer of parallel convs and norms: a re-parameterizable block
     existing = next(
         (
             str(n.target)
@@ -301,6 +393,8 @@ def _classify(facts: _GraphFacts, add: fx.Node) -> ResidualSite | None:
         branch_depth=max(depth_a, depth_b),
         skip_depth=min(depth_a, depth_b),
         existing_drop_path=existing,
+        owner_call=_common_owner([add, *branch_region, *skip_region], _call_keys),
+        weightless=weightless,
     )
 
 
@@ -324,14 +418,22 @@ def _skipping_site(facts: _GraphFacts, node: fx.Node) -> ResidualSite | None:
 
 
 def find_residual_sites(graph_module: fx.GraphModule) -> list[ResidualSite]:
-    """Every residual add of ``graph_module`` in execution order.
+    """Every residual add of a symbolically traced ``graph_module``, in execution order."""
+    return find_sites(graph_module.graph, dict(graph_module.named_modules()))
 
-    Shapes (``node.meta["tensor_meta"]``, from shape propagation) are used when present to
-    reject broadcasting adds; without them the structural rules alone decide.
+
+def find_sites(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[ResidualSite]:
+    """Every residual add of ``graph`` in execution order (``modules`` by ``call_module`` path).
+
+    Shapes (``node.meta["tensor_meta"]``, from shape propagation or capture) are used when
+    present to reject broadcasting adds; without them the structural rules alone decide. A
+    weightless add nested in another residual's branch (ConvNeXt-V2's GRN) is not a site.
     """
-    facts = _GraphFacts(graph_module)
-    sites = (
+    facts = _GraphFacts(graph, modules)
+    found = (
         _classify(facts, node) if add_operands(node) is not None else _skipping_site(facts, node)
         for node in facts.nodes
     )
-    return [site for site in sites if site is not None]
+    sites = [site for site in found if site is not None]
+    in_branches = {node for site in sites for node in site.branch_region}
+    return [site for site in sites if not (site.weightless and site.add in in_branches)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from torch import fx, nn
 
@@ -166,19 +167,43 @@ def plan_cuts(
     return plans
 
 
-def describe_plan(plan: BranchCut | str, mode: Mode, gather_batch_norm: bool = False) -> str:
-    """One phrase for the report: what a dropped branch costs."""
+class SkipCompute(Enum):
+    """What a dropped branch costs under ``skip_compute``."""
+
+    SKIPS_DROPPED_BLOCKS = "skips dropped blocks"
+    KEPT_ROWS = "computes kept rows only"
+    KEPT_ROWS_BATCH_NORM_GATHERED = "computes kept rows only (BatchNorm statistics from kept rows)"
+    KEPT_ROWS_UNLESS_BATCH_NORM_TRAINS = (
+        "computes kept rows only, but masks while a BatchNorm in it trains"
+    )
+    MASKS = "masks"
+    MASKS_IN_ROW_MODE = "masks in row mode"
+
+
+@dataclass(frozen=True)
+class SkipPlan:
+    """How a site's dropped branch runs, and why it keeps the mask where it does."""
+
+    how: SkipCompute
+    reason: str = ""
+
+    def describe(self) -> str:
+        return f"{self.how.value}: {self.reason}" if self.reason else self.how.value
+
+
+def describe_plan(plan: BranchCut | str, mode: Mode, gather_batch_norm: bool = False) -> SkipPlan:
+    """What a dropped branch costs, for the report."""
     if isinstance(plan, str):
-        return f"masks: {plan}"
+        return SkipPlan(SkipCompute.MASKS, plan)
     if mode == "batch":
-        return "skips dropped blocks"
+        return SkipPlan(SkipCompute.SKIPS_DROPPED_BLOCKS)
     if plan.per_sample is None:
-        return f"masks in row mode: {plan.row_fallback}"
+        return SkipPlan(SkipCompute.MASKS_IN_ROW_MODE, plan.row_fallback or "")
     if plan.batch_norms and gather_batch_norm:
-        return "computes kept rows only (BatchNorm statistics from kept rows)"
+        return SkipPlan(SkipCompute.KEPT_ROWS_BATCH_NORM_GATHERED)
     if plan.batch_norms:
-        return "computes kept rows only, but masks while a BatchNorm in it trains"
-    return "computes kept rows only"
+        return SkipPlan(SkipCompute.KEPT_ROWS_UNLESS_BATCH_NORM_TRAINS)
+    return SkipPlan(SkipCompute.KEPT_ROWS)
 
 
 def branch_module(root: nn.Module, cut: BranchCut) -> fx.GraphModule:

@@ -17,24 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .layers import DropPath
-
-#: Class names of drop-path modules from timm, torchvision and the many copies of timm's layer.
-DROP_PATH_CLASS_NAMES = frozenset({"DropPath", "StochasticDepth", "DropPath2d"})
-
-
-def is_drop_path_module(module: nn.Module) -> bool:
-    """True for stochastic depth: ours, timm's ``DropPath``, torchvision's ``StochasticDepth``."""
-    return isinstance(module, DropPath) or type(module).__name__ in DROP_PATH_CLASS_NAMES
-
-
-def drop_path_rate_of(module: nn.Module) -> float:
-    """The rate a drop-path module carries (``drop_prob`` in timm, ``p`` in torchvision)."""
-    for name in ("drop_prob", "p", "drop_rate"):
-        value = getattr(module, name, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    return float("nan")
+from .droppaths import is_drop_path_module
 
 
 def _integration_leaves() -> tuple[tuple[type, ...], tuple[Callable[..., Any], ...]]:
@@ -118,7 +101,7 @@ class DropPathTracer(fx.Tracer):
         return self._names
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if id(m) in self._extra_leaves or is_drop_path_module(m):
+        if id(m) in self._extra_leaves or is_drop_path_module(m, module_qualified_name):
             return True
         if self._leaf_classes and isinstance(m, self._leaf_classes):
             return True

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 SCRIPT = shutil.which(
     "droppath-inject", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -56,7 +57,7 @@ class ChangesWhenReloaded(nn.Module):
         self.loads = 0
 
     def forward(self, x):
-        return self.conv(x) + self.loads
+        return x + self.conv(x) + self.loads
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -157,8 +158,9 @@ def copy_into(source: Path, directory: Path, name: str | None = None) -> Path:
 
 
 def tiny() -> nn.Module:
+    """A stem and one torchvision BasicBlock: one residual, classes any process can import."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(3, 4, 3), BasicBlock(4, 4))
 
 
 def save_tiny(directory: Path, name: str = "model.pt") -> None:
@@ -299,17 +301,17 @@ def test_force_replaces_an_existing_output(tmp_path: Path) -> None:
 
 
 def test_no_verify_still_writes_and_reloads(tmp_path: Path) -> None:
-    torch.save(nn.Sequential(nn.ReLU()), tmp_path / "relu.pt")  # no input can be inferred
-    result = run_cli("relu.pt", "--trust-pickle", "--no-verify", cwd=tmp_path)
+    save_tiny(tmp_path)
+    result = run_cli(*TRUSTED, "--no-verify", cwd=tmp_path)
     assert_ok(result)
     assert "reloaded it: outputs not compared (--no-verify)" in result.stdout
-    assert check_written(tmp_path / "relu_droppath.pt", None)["class"] == "Sequential"
+    assert check_written(tmp_path / "model_droppath.pt", None)["class"] == "Sequential"
 
 
 def test_help_documents_exit_codes(tmp_path: Path) -> None:
     result = run_cli("--help", cwd=tmp_path, module=True)
     assert_ok(result)
-    for code in ("0", "1", "2", "3", "4", "5", "6"):
+    for code in ("0", "1", "2", "3", "4", "5", "6", "7"):
         assert f"\n  {code} " in result.stdout
     assert "--trust-pickle" in result.stdout
 
@@ -408,9 +410,20 @@ BAD_INPUTS = {
         ("model.pt", "--trust-pickle"),
         4,
     ),
+    "no input can be inferred, no verify": (
+        lambda d: torch.save(nn.Sequential(nn.ReLU()), d / "model.pt"),
+        ("model.pt", "--trust-pickle", "--no-verify"),
+        4,
+    ),
     # 5: verification failed
     "outputs change in memory": (save_helper_model("Drifting"), TRUSTED, 5),
     "written file differs": (save_helper_model("ChangesWhenReloaded"), TRUSTED, 5),
+    # 7: no residual site
+    "no residual site": (
+        lambda d: torch.save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), d / "model.pt"),
+        TRUSTED,
+        7,
+    ),
     # 6: output refused
     "output exists": (lambda d: (save_tiny(d), save_tiny(d, "model_droppath.pt")), TRUSTED, 6),
     "output is the input": (save_tiny, (*TRUSTED, "-o", "./model.pt", "--force"), 6),

@@ -20,8 +20,8 @@ from small_models import BUILDERS, NUM_CLASSES
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from droppath_inject import DropPath, inject_droppath, injected_blocks, set_drop_rates
-from droppath_inject.surgery import InjectedBlock
+from droppath_inject import DropPath, inject_droppath, set_drop_rates
+from droppath_inject.apply import BranchHook
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -74,7 +74,7 @@ FRESH_PROCESS = textwrap.dedent(
     import json, sys
     import torch
     from torch.nn import functional as F
-    from droppath_inject import DropPath, injected_blocks, remove_droppath, set_drop_rates
+    from droppath_inject import DropPath, remove_droppath, set_drop_rates
 
     torch.set_num_threads(1)
     report = {}
@@ -85,11 +85,11 @@ FRESH_PROCESS = textwrap.dedent(
             same_output = torch.equal(model.eval()(data["x"]), data["expected"])
         drops = {p: [m.drop_prob, m.mode] for p, m in model.named_modules()
                  if isinstance(m, DropPath)}
-        blocks = injected_blocks(model)
+        owners = {p.rpartition(".")[0] for p in drops}
         entry = {
             "same_output": same_output,
             "model_class": type(model).__name__,
-            "block_classes": sorted({type(b.droppath_info.original).__name__ for _, b in blocks}),
+            "block_classes": sorted({type(model.get_submodule(p)).__name__ for p in owners}),
             "drops": drops,
             "rates": set_drop_rates(model, 0.5),
         }
@@ -145,7 +145,7 @@ def test_torch_save_then_load_in_a_fresh_process(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_pickled_model_keeps_its_structure(name: str) -> None:
-    """In-process round trip: same modules, rates, and blocks sharing the original's children."""
+    """In-process round trip: same modules, rates, and hooks on the loaded model's DropPaths."""
     model = trained_injected(name, steps=1)
     buffer = io.BytesIO()
     torch.save(model, buffer)
@@ -156,12 +156,11 @@ def test_pickled_model_keeps_its_structure(name: str) -> None:
     ]
     assert drop_rates_of(loaded) == drop_rates_of(model)
     assert torch.equal(eval_output(loaded), eval_output(model))
-    blocks = injected_blocks(loaded)
-    assert blocks and all(isinstance(b, InjectedBlock) for _, b in blocks)
-    for _, block in blocks:
-        original = block.droppath_info.original
-        for child_name, child in original.named_children():
-            assert getattr(block, child_name) is child
+    # every hook survived and drives a DropPath of the loaded model, not of the saved one
+    own = {id(m) for m in loaded.modules()}
+    hooks = [h for m in loaded.modules() for h in m._forward_hooks.values()]
+    assert len(hooks) == len([h for m in model.modules() for h in m._forward_hooks.values()])
+    assert all(isinstance(h, BranchHook) and id(h.drop_path) in own for h in hooks)
 
 
 # --- deepcopy ----------------------------------------------------------------------------------
@@ -179,8 +178,9 @@ def test_deepcopy_computes_the_same_and_shares_nothing(name: str) -> None:
     assert pointers.isdisjoint(p.data_ptr() for p in duplicate.parameters())
     source_modules = {id(m) for m in model.modules()}
     assert source_modules.isdisjoint(id(m) for m in duplicate.modules())
-    for _, block in injected_blocks(duplicate):  # the remembered originals were copied along
-        assert id(block.droppath_info.original) not in source_modules
+    hooks = [h for m in duplicate.modules() for h in m._forward_hooks.values()]
+    copied = {id(m) for m in duplicate.modules()}
+    assert all(id(h.drop_path) in copied for h in hooks)  # hooks drive the copy's DropPaths
 
     expected, state = eval_output(model), copy.deepcopy(model.state_dict())
     with torch.no_grad():

@@ -44,11 +44,12 @@ from torch import Tensor, nn
 from droppath_inject import (
     DropPath,
     Report,
+    SiteStatus,
     inject_droppath,
     remove_droppath,
     set_drop_rates,
 )
-from droppath_inject.skipping import SkippingDropPath
+from droppath_inject.skipping import SkipCompute, SkippingDropPath, SkipPlan
 
 SEEDS = (0, 1, 2)
 MAX_DROP = 0.5
@@ -167,8 +168,12 @@ def call(model: nn.Module, inputs: Any) -> Tensor:
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
-def statuses(report: Report) -> set[str]:
-    return {site.drop_path for site in report.sites}
+def statuses(report: Report) -> set[tuple[SiteStatus, SkipPlan | None]]:
+    return {(site.status, site.skip_compute) for site in report.sites}
+
+
+def injected(how: SkipCompute, reason: str = "") -> tuple[SiteStatus, SkipPlan]:
+    return SiteStatus.INJECTED, SkipPlan(how, reason)
 
 
 def skipping_drops(model: nn.Module) -> dict[str, SkippingDropPath]:
@@ -306,10 +311,20 @@ def check_work(
                 call(masked, inputs)
                 torch.manual_seed(seed)
                 call(skipping, inputs)
-    assert kept.keys() == seen.keys()
-    for path, rows in kept.items():
-        assert seen[path] == expected_rows(rows, batch, work), path
+    # the same sites, under the same blocks: the masking model's DropPaths (slots and hooks)
+    # and the rewritten blocks' SkippingDropPaths, each in site order
+    kept_sites, seen_sites = in_site_order(kept), in_site_order(seen)
+    assert [p.rpartition(".")[0] for p in kept_sites] == [p.rpartition(".")[0] for p in seen_sites]
+    for path, seen_path in zip(kept_sites, seen_sites, strict=True):
+        assert seen[seen_path] == expected_rows(kept[path], batch, work), path
     return kept
+
+
+def in_site_order(by_path: dict[str, list[int]]) -> list[str]:
+    """DropPath paths by block (first appearance), then by name: ``drop_path1`` before
+    ``drop_path2``, ``drop_path_injected`` before ``drop_path_injected_1``."""
+    blocks = list(dict.fromkeys(p.rpartition(".")[0] for p in by_path))
+    return sorted(by_path, key=lambda p: (blocks.index(p.rpartition(".")[0]), p))
 
 
 def partially_kept(kept: dict[str, list[int]], batch: int) -> bool:
@@ -333,9 +348,9 @@ def test_matches_mask_implementation(name: str, mode: str) -> None:
     masked, skipping, report = injected_pair(model, x, mode)
     work: Work = ROW_WORK[name] if mode == "row" else "blocks"
     expected_status = {
-        "rows": "injected, computes kept rows only",
-        "all": "injected, computes kept rows only, but masks while a BatchNorm in it trains",
-        "blocks": "injected, skips dropped blocks",
+        "rows": injected(SkipCompute.KEPT_ROWS),
+        "all": injected(SkipCompute.KEPT_ROWS_UNLESS_BATCH_NORM_TRAINS),
+        "blocks": injected(SkipCompute.SKIPS_DROPPED_BLOCKS),
     }[work]
     assert statuses(report) == {expected_status}
     assert len(skipping_drops(skipping)) == len(report.sites)
@@ -447,7 +462,7 @@ def test_side_inputs_key_mask_gathered_position_bias_not() -> None:
     model = RelBiasMaskedNet()
     inputs = (torch.randn(6, sm.TOKENS, sm.DIM), key_padding_mask(6))
     masked, skipping, report = injected_pair(model, inputs, "row")
-    assert statuses(report) == {"injected, computes kept rows only"}
+    assert statuses(report) == {injected(SkipCompute.KEPT_ROWS)}
     kept = check_work(masked, skipping, inputs, "rows")
     assert partially_kept(kept, 6)
     compare_training(masked, skipping, inputs)
@@ -554,6 +569,12 @@ def test_dropped_branch_keeps_the_dtype_of_the_add(mode: str) -> None:
     assert actual.dtype == expected.dtype
 
 
+def drop_path_owners(model: nn.Module) -> list[str]:
+    """Paths of the blocks holding a DropPath of the package, in module order."""
+    owners = [p.rpartition(".")[0] for p, m in model.named_modules() if isinstance(m, DropPath)]
+    return list(dict.fromkeys(owners))
+
+
 def run_channels_last(name: str, mode: str) -> tuple[list[bool], list[bool]]:
     """Train both versions of a channels_last model on a channels_last input (outputs must match);
     whether each injected block's output was channels_last, masking then skipping."""
@@ -563,14 +584,13 @@ def run_channels_last(name: str, mode: str) -> tuple[list[bool], list[bool]]:
     masked, skipping, _ = injected_pair(model, x, mode)
     formats: tuple[list[bool], list[bool]] = ([], [])
     handles = [
-        block.register_forward_hook(
+        net.get_submodule(block).register_forward_hook(
             lambda _m, _a, out, seen=seen: seen.append(
                 out.is_contiguous(memory_format=torch.channels_last)
             )
         )
         for seen, net in zip(formats, (masked, skipping), strict=True)
-        for block in net.modules()
-        if hasattr(block, "droppath_info")
+        for block in drop_path_owners(net)
     ]
     try:
         compare_training(masked, skipping, x, bitwise=mode == "batch" or name == "resnet18")
@@ -628,18 +648,14 @@ def test_gather_batch_norm_report() -> None:
     """The report says what the opt-in does: kept rows only."""
     model, x = batch_norm_net()
     _, _, report = injected_pair(model, x, "row", gather_batch_norm=True)
-    assert statuses(report) == {
-        "injected, computes kept rows only (BatchNorm statistics from kept rows)"
-    }
+    assert statuses(report) == {injected(SkipCompute.KEPT_ROWS_BATCH_NORM_GATHERED)}
 
 
 def test_frozen_batch_norm_gathers_without_opt_in() -> None:
     """BatchNorm in eval mode while the model trains is per-sample: rows are gathered."""
     model, x = batch_norm_net()
     masked, skipping, report = injected_pair(model, x, "row")
-    assert statuses(report) == {
-        "injected, computes kept rows only, but masks while a BatchNorm in it trains"
-    }
+    assert statuses(report) == {injected(SkipCompute.KEPT_ROWS_UNLESS_BATCH_NORM_TRAINS)}
     check_work(masked, skipping, x, "all", seeds=(0,))
     for net in (masked, skipping):
         for module in net.modules():
@@ -699,23 +715,24 @@ class InplaceSkipResidual(sm.PlainResidual):
 @pytest.mark.parametrize(
     ("block", "mode", "status", "work"),
     [
-        (lambda: sm.InplaceBranchResidual(sm.mlp()), "row", "computes kept rows only", "rows"),
-        (lambda: sm.InplaceBranchResidual(sm.mlp()), "batch", "skips dropped blocks", "blocks"),
-        (lambda: InplaceSkipResidual(sm.mlp()), "row", f"masks: {INTO_SKIP}", "all"),
-        (lambda: InplaceSkipResidual(sm.mlp()), "batch", f"masks: {INTO_SKIP}", "all"),
-        (
-            SizeFromSkip,
-            "row",
-            "masks in row mode: the branch reads sizes computed outside it",
-            "all",
-        ),
-        (SizeFromSkip, "batch", "skips dropped blocks", "blocks"),
+        (lambda: sm.InplaceBranchResidual(sm.mlp()), "row", SkipPlan(SkipCompute.KEPT_ROWS),
+         "rows"),
+        (lambda: sm.InplaceBranchResidual(sm.mlp()), "batch",
+         SkipPlan(SkipCompute.SKIPS_DROPPED_BLOCKS), "blocks"),
+        (lambda: InplaceSkipResidual(sm.mlp()), "row", SkipPlan(SkipCompute.MASKS, INTO_SKIP),
+         "all"),
+        (lambda: InplaceSkipResidual(sm.mlp()), "batch", SkipPlan(SkipCompute.MASKS, INTO_SKIP),
+         "all"),
+        (SizeFromSkip, "row",
+         SkipPlan(SkipCompute.MASKS_IN_ROW_MODE, "the branch reads sizes computed outside it"),
+         "all"),
+        (SizeFromSkip, "batch", SkipPlan(SkipCompute.SKIPS_DROPPED_BLOCKS), "blocks"),
     ],
     ids=["inplace-branch-row", "inplace-branch-batch", "inplace-skip-row", "inplace-skip-batch",
          "sizes-row", "sizes-batch"],
 )  # fmt: skip
 def test_cut_plan_fallbacks(
-    block: Callable[[], nn.Module], mode: str, status: str, work: Work
+    block: Callable[[], nn.Module], mode: str, status: SkipPlan, work: Work
 ) -> None:
     """The report says how each branch runs; where the mask is kept, it says why.
 
@@ -726,7 +743,7 @@ def test_cut_plan_fallbacks(
     model = sm.Net(nn.Linear(sm.DIM, sm.DIM), [block(), block()], nn.Identity())
     x = torch.randn(6, sm.TOKENS, sm.DIM)
     masked, skipping, report = injected_pair(model, x, mode, schedule="uniform")
-    assert statuses(report) == {f"injected, {status}"}
+    assert statuses(report) == {(SiteStatus.INJECTED, status)}
     if skipping_drops(skipping):
         check_work(masked, skipping, x, work)
     compare_training(masked, skipping, x, bitwise=work != "rows")
@@ -765,7 +782,7 @@ def test_second_injection_updates_rates() -> None:
     count = len(skipping_drops(model))
     _, report = inject_droppath(model, 0.4, skip_compute=True, example_inputs=x, return_report=True)
     assert len(report.sites) == count
-    assert statuses(report) == {"updated"}
+    assert statuses(report) == {(SiteStatus.RE_RATED, None)}
     assert len(skipping_drops(model)) == count
     assert max(d.drop_prob for d in skipping_drops(model).values()) == pytest.approx(0.4)
 

@@ -21,15 +21,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import droppath_inject
+import droppath_inject.apply
 from droppath_inject import (
     DropPath,
     DropPathInjectError,
+    DropPathWarning,
     ExampleInputError,
     Report,
+    SiteStatus,
     VerificationError,
     find_residuals,
     inject_droppath,
+    remove_droppath,
+    set_drop_rates,
 )
 
 MAX_DROP = 0.2
@@ -239,12 +243,12 @@ def check_injection(
     assert_report(report, expected, max_drop)
     assert report.verification is not None and report.verification.passed
 
-    # only the owners are new objects; everything else, and every tensor, is shared
+    # every module is the same object (a drop-path slot aside), and so is every tensor
     modules, _, pointers = before
-    owner_paths = {e.owner for e in expected}
     after = dict(model.named_modules())
     for path, module in modules.items():
-        assert (after[path] is module) == (path not in owner_paths), path
+        slot = type(module) is nn.Identity and "drop_path" in path
+        assert (after[path] is module) != slot, path
     state = model.state_dict(keep_vars=True)
     assert state.keys() == pointers.keys()
     assert all(state[k].data_ptr() == pointers[k] for k in pointers)
@@ -380,16 +384,25 @@ def conv_blocks(block: Callable[[], nn.Module], count: int = 2) -> Callable[[], 
         pytest.param(sm.InplaceBranchResidual, id="f(x).add_(x)"),
         pytest.param(sm.BasicBlock, id="out+=identity"),
         pytest.param(sm.LayerScaleResidual, id="layer-scale"),
-        pytest.param(sm.RepVggIdentityBlock, id="repvgg-identity-bn"),
     ],
 )
 def test_identity_skip_residuals(block: Callable[[], nn.Module]) -> None:
     """Three blocks of one kind: three sites, owned by the blocks, rates 0, 0.1, 0.2."""
     owners = ["blocks.0", "blocks.1", "blocks.2"]
-    skips = {}
-    if block is sm.RepVggIdentityBlock:  # the skip is the identity BN, not x itself
-        skips = {owner: f"{owner}.identity" for owner in owners}
-    check_injection(conv_blocks(block, 3), images(), owners, skips)
+    check_injection(conv_blocks(block, 3), images(), owners)
+
+
+def test_repvgg_identity_bn_sum_is_found_and_reported() -> None:
+    """``conv1x1(x) + convkxk(x)`` then ``+= bn(x)``: a residual (timm's byobnet drops there,
+    through its own ``drop_path`` slot), but without such a slot no module returns the sum."""
+    model = sm.randomize_norms(conv_blocks(sm.RepVggIdentityBlock, 3)())
+    before = snapshot(model)
+    with pytest.warns(DropPathWarning, match="3 of 3 residual sites"):
+        _, report = inject_droppath(model, MAX_DROP, example_inputs=images(), return_report=True)
+    assert [s.owner for s in report.sites] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert all(s.skip == f"{s.owner}.identity" for s in report.sites)
+    assert all(s.status is SiteStatus.SKIPPED for s in report.sites)
+    assert_unchanged(model, before)
 
 
 def test_projection_shortcuts() -> None:
@@ -526,12 +539,11 @@ def test_nested_residuals() -> None:
 
 
 def test_untraceable_model_is_injected_piecewise() -> None:
-    """A data-dependent early exit stops tracing of the model, not of its blocks."""
+    """A data-dependent early exit, which stops symbolic tracing, simply runs when captured."""
     factory = seeded(sm.EarlyExitNet)
-    model, report = check_injection(factory, images(), ["blocks.0", "blocks.1", "blocks.2"])
-    skipped = {s.module: s.reason for s in report.skipped}
-    assert "" in skipped and skipped[""].strip()
-    assert "blocks.0" not in skipped
+    _, report = check_injection(factory, images(), ["blocks.0", "blocks.1", "blocks.2"])
+    assert report.skipped == []
+    assert find_residuals(factory()).skipped == []  # inferred input: captured too
 
 
 def test_untraceable_model_keeps_its_early_exit() -> None:
@@ -615,7 +627,8 @@ def test_second_injection_updates_rates_without_nesting() -> None:
     ]
     assert [s.rate for s in report.sites] == [pytest.approx(r) for r in rates]
     assert [s.owner for s in report.sites] == ["blocks.0", "blocks.1", "blocks.2"]
-    assert all(s.drop_path == "updated" for s in report.sites)
+    assert all(s.status is SiteStatus.RE_RATED for s in report.sites)
+    assert [s.previous_rate for s in report.sites] == [pytest.approx(r) for r in (0.0, 0.05, 0.1)]
     assert_same_outputs(eval_outputs(original, images()), eval_outputs(model, images()))
 
 
@@ -660,39 +673,57 @@ class TimmStyleBlock(nn.Module):
         return x + self.drop_path(self.f(x))
 
 
+def existing_drop_path_net(kind: str) -> nn.Module:
+    return sm.token_net(
+        [
+            TimmStyleBlock(existing_drop_path(kind, 0.05)),
+            TimmStyleBlock(existing_drop_path(kind, 0.07)),
+            sm.PreNormResidual(),
+        ]
+    )
+
+
+def foreign_drop_paths(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ in ("DropPath", "StochasticDepth")]
+
+
 @pytest.mark.parametrize("kind", ["local", "timm", "torchvision"])
-def test_existing_drop_paths_are_reported_not_doubled(kind: str) -> None:
-    """Blocks that already carry a drop path keep it (and its rate); others get ours."""
-
-    def build() -> nn.Module:
-        return sm.token_net(
-            [
-                TimmStyleBlock(existing_drop_path(kind, 0.05)),
-                TimmStyleBlock(existing_drop_path(kind, 0.07)),
-                sm.PreNormResidual(),
-            ]
-        )
-
-    model = seeded(build)()
+def test_existing_drop_paths_are_re_rated_not_doubled(kind: str) -> None:
+    """By default a drop path already on a branch gets the schedule's rate; ours go elsewhere."""
+    model = seeded(lambda: existing_drop_path_net(kind))()
     original = copy.deepcopy(model)
-    existing = [m for m in model.modules() if type(m).__name__ in ("DropPath", "StochasticDepth")]
+    existing = foreign_drop_paths(model)
     assert len(existing) == 2
-    for _ in range(2):
+    schedule = [0.0, MAX_DROP / 2, MAX_DROP]
+    for previous in ([0.05, 0.07], schedule[:2]):
         _, report = inject_droppath(model, MAX_DROP, example_inputs=tokens(), return_report=True)
         assert [s.owner for s in report.sites] == ["blocks.0", "blocks.1", "blocks.2"]
-        assert [s.rate for s in report.sites] == [
-            pytest.approx(0.05),
-            pytest.approx(0.07),
-            pytest.approx(MAX_DROP),
-        ]
-        assert report.sites[0].drop_path.startswith("existing")
-        assert report.sites[1].drop_path.startswith("existing")
-        assert report.sites[2].drop_path in ("injected", "updated")
+        assert [s.rate for s in report.sites] == [pytest.approx(r) for r in schedule]
+        assert [s.status for s in report.sites[:2]] == [SiteStatus.RE_RATED] * 2
+        assert [s.previous_rate for s in report.sites[:2]] == [pytest.approx(r) for r in previous]
+        assert "re-rated 0.05 -> 0.00" in report.table() or previous != [0.05, 0.07]
+        assert report.sites[2].status in (SiteStatus.INJECTED, SiteStatus.RE_RATED)
         assert len(drop_paths(model)) == 1 and own_drop_paths(model, "blocks.2")
         assert model.blocks[0].drop_path is existing[0] and model.blocks[1].drop_path is existing[1]
-        still = [m for m in model.modules() if type(m).__name__ in ("DropPath", "StochasticDepth")]
-        assert len(still) == 3  # the two existing ones and ours
+        assert len(foreign_drop_paths(model)) == 3  # the two existing ones and ours
+    rate_of = "p" if kind == "torchvision" else "drop_prob"
+    assert [getattr(m, rate_of) for m in existing] == [pytest.approx(r) for r in schedule[:2]]
+    assert set_drop_rates(model, 0.4) == [pytest.approx(r) for r in (0.0, 0.2, 0.4)]
+    assert [getattr(m, rate_of) for m in existing] == [pytest.approx(r) for r in (0.0, 0.2)]
     assert_same_outputs(eval_outputs(original, tokens()), eval_outputs(model, tokens()))
+    remove_droppath(model)  # the existing drop paths get their own rates back
+    assert [getattr(m, rate_of) for m in existing] == [0.05, 0.07]
+    assert not drop_paths(model)
+
+
+def test_existing_drop_paths_kept_on_request() -> None:
+    model = seeded(lambda: existing_drop_path_net("timm"))()
+    _, report = inject_droppath(
+        model, MAX_DROP, example_inputs=tokens(), existing="keep", return_report=True
+    )
+    assert [s.status for s in report.sites] == [SiteStatus.KEPT] * 2 + [SiteStatus.INJECTED]
+    assert [s.rate for s in report.sites] == [0.05, 0.07, pytest.approx(MAX_DROP)]
+    assert [m.drop_prob for m in foreign_drop_paths(model)[:2]] == [0.05, 0.07]
 
 
 # --- 7. failures leave the model untouched -----------------------------------------------------
@@ -722,24 +753,25 @@ def test_failed_verification_restores_the_model(monkeypatch: pytest.MonkeyPatch)
     assert_unchanged(model, before)
 
 
-def test_failure_while_rewriting_restores_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An error on the third block's rewrite undoes the first two."""
+def test_failure_while_attaching_restores_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error on the third block's attachment undoes the first two."""
     model = sm.randomize_norms(conv_blocks(sm.PlainResidual, 3)())
     before = snapshot(model)
-    build = droppath_inject.api.build_injected_block
+    hook = droppath_inject.apply.Attacher._hook
     calls = []
 
-    def failing(*args: Any, **kwargs: Any) -> nn.Module:
+    def failing(self: Any, *args: Any) -> None:
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("injected failure")
-        return build(*args, **kwargs)
+        hook(self, *args)
 
-    monkeypatch.setattr(droppath_inject.api, "build_injected_block", failing)
+    monkeypatch.setattr(droppath_inject.apply.Attacher, "_hook", failing)
     with pytest.raises(RuntimeError, match="injected failure"):
         inject_droppath(model, example_inputs=images())
     assert len(calls) == 3
     assert_unchanged(model, before)
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 def param_only_net() -> nn.Module:
@@ -756,17 +788,25 @@ def test_model_without_known_input_layer_needs_example_inputs() -> None:
 
 
 def test_model_without_known_input_layer_with_verify_false() -> None:
-    """verify=False finds the sites structurally; eval outputs still equal the original's."""
+    """verify=False still needs one run; the dry run without any input traces symbolically."""
     model = seeded(param_only_net)()
-    original = copy.deepcopy(model)
-    _, report = inject_droppath(model, MAX_DROP, verify=False, return_report=True)
+    with pytest.raises(ExampleInputError, match="example_inputs"):
+        inject_droppath(model, MAX_DROP, verify=False)
+    assert [s.owner for s in find_residuals(model).sites] == ["blocks.0", "blocks.1"]
+
+
+def test_branch_no_module_computes_is_reported_not_rewritten() -> None:
+    """``x + tanh(x @ w)``: no module returns the branch, so no hook can carry a DropPath. The
+    sites are reported as skipped, with the reason and a warning, and the model is unchanged."""
+    model = seeded(param_only_net)()
+    before = snapshot(model)
+    with pytest.warns(DropPathWarning, match="2 of 2 residual sites of Net got no DropPath"):
+        _, report = inject_droppath(model, MAX_DROP, example_inputs=vectors(), return_report=True)
     assert [s.owner for s in report.sites] == ["blocks.0", "blocks.1"]
-    assert [s.rate for s in report.sites] == [0.0, pytest.approx(MAX_DROP)]
-    assert report.verification is None
-    assert_same_outputs(eval_outputs(original, vectors()), eval_outputs(model, vectors()))
-    dropping_only(model, drop_paths(model))  # both blocks become the identity
-    with torch.no_grad():
-        assert_same_outputs(torch.tanh(vectors()[0]), model(*vectors()))
+    assert [s.status for s in report.sites] == [SiteStatus.SKIPPED] * 2
+    assert all("not the output of a module call" in s.detail for s in report.sites)
+    assert "tanh()" in report.sites[0].detail
+    assert_unchanged(model, before)
 
 
 # --- 8. random residual networks ---------------------------------------------------------------

@@ -1,0 +1,213 @@
+"""Applying attachments to a model: hooks, slots and re-rated drop paths, all undoable.
+
+Nothing here replaces a user's module or its ``forward``. Each DropPath this package adds, and
+each existing drop path it re-rates, carries a ``droppath_place`` (a ``Placement``) so that
+``set_drop_rates`` and ``remove_droppath`` find them again, after pickling or deepcopy too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .attach import AttachKind, Attachment
+from .droppaths import drop_path_rate_of, set_drop_path_rate
+from .layers import DropPath, Mode
+from .report import SiteStatus
+
+PLACE_ATTRIBUTE = "droppath_place"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A drop path's place in the depth schedule, and how it came to be there.
+
+    ``original_rate`` is the rate an existing drop path had before its first re-rating;
+    ``slot`` the ``nn.Identity`` a DropPath replaced, put back by ``remove_droppath``.
+    """
+
+    block_index: int
+    num_blocks: int
+    kind: AttachKind
+    original_rate: float | None = None
+    slot: nn.Module | None = None
+
+
+class BranchHook:
+    """A forward hook applying a DropPath to a module's output (or to leaf ``leaf`` of it).
+
+    A module-level class holding the DropPath, so the hook survives ``torch.save``/``torch.load``
+    and ``copy.deepcopy`` (which keeps it pointing at the copied model's DropPath).
+    """
+
+    def __init__(self, drop_path: DropPath, leaf: int | None) -> None:
+        self.drop_path = drop_path
+        self.leaf = leaf
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if self.leaf is None:
+            return self.drop_path(output)
+        leaves, spec = pytree.tree_flatten(output)
+        value = leaves[self.leaf]
+        dropped = self.drop_path(value)
+        if dropped is value:
+            return None  # unchanged (eval mode, rate 0): keep the module's own output object
+        leaves[self.leaf] = dropped
+        return pytree.tree_unflatten(leaves, spec)
+
+
+def placement_of(module: nn.Module) -> Placement | None:
+    place = getattr(module, PLACE_ATTRIBUTE, None)
+    return place if isinstance(place, Placement) else None
+
+
+def _free_name(module: nn.Module, base: str) -> str:
+    name, suffix = base, 1
+    while hasattr(module, name):
+        name, suffix = f"{base}_{suffix}", suffix + 1
+    return name
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What attaching one site did."""
+
+    status: SiteStatus
+    rate: float
+    previous_rate: float | None = None
+
+
+@dataclass
+class Attacher:
+    """Applies attachments to ``model``, remembering how to undo each change."""
+
+    model: nn.Module
+    mode: Mode
+    rerate_existing: bool = True
+    _undo: list[Callable[[], None]] = field(default_factory=list)
+    _done: dict[str, Outcome] = field(default_factory=dict)
+
+    def attach(self, attachment: Attachment, rate: float, place: tuple[int, int]) -> Outcome:
+        """Give the site ``attachment`` describes the rate ``rate`` at ``place`` (index, count).
+
+        A module already attached in this call (one shared by the sites of several blocks, as
+        in a weight-shared layer run in a loop) keeps the first site's rate.
+        """
+        if attachment.module in self._done:
+            return self._done[attachment.module]
+        if attachment.kind is AttachKind.EXISTING:
+            outcome = self._existing(attachment.module, rate, place)
+        else:
+            drop = DropPath(rate, self.mode)
+            vars(drop)[PLACE_ATTRIBUTE] = Placement(*place, attachment.kind)
+            if attachment.kind is AttachKind.SLOT:
+                slot = self.model.get_submodule(attachment.module)
+                vars(drop)[PLACE_ATTRIBUTE] = Placement(*place, attachment.kind, slot=slot)
+                self._replace(attachment.module, drop)
+            else:
+                self._hook(attachment, drop)
+            outcome = Outcome(SiteStatus.INJECTED, rate)
+        self._done[attachment.module] = outcome
+        return outcome
+
+    def _replace(self, path: str, drop: DropPath) -> None:
+        parent_path, _, name = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        slot = parent.get_submodule(name)
+        drop.training = slot.training
+        setattr(parent, name, drop)
+        self._undo.append(lambda: setattr(parent, name, slot))
+
+    def _hook(self, attachment: Attachment, drop: DropPath) -> None:
+        holder = self.model.get_submodule(attachment.holder)
+        module = self.model.get_submodule(attachment.module)
+        name = _free_name(holder, "drop_path_injected")
+        drop.training = module.training
+        holder.add_module(name, drop)
+        handle = module.register_forward_hook(BranchHook(drop, attachment.leaf))
+
+        def undo() -> None:
+            handle.remove()
+            delattr(holder, name)
+
+        self._undo.append(undo)
+
+    def _existing(self, path: str, rate: float, place: tuple[int, int]) -> Outcome:
+        """Re-rate a drop path on the branch: ours always, another library's unless kept."""
+        module = self.model.get_submodule(path)
+        previous = drop_path_rate_of(module)
+        earlier = placement_of(module)
+        ours = (
+            isinstance(module, DropPath) and earlier is not None and earlier.original_rate is None
+        )
+        if previous is None or not (ours or self.rerate_existing):
+            return Outcome(SiteStatus.KEPT, float("nan") if previous is None else previous)
+        if ours:
+            assert earlier is not None and isinstance(module, DropPath)
+            placement = Placement(*place, earlier.kind, slot=earlier.slot)
+            mode_before, module.mode = module.mode, self.mode
+        else:
+            original = previous if earlier is None else earlier.original_rate
+            placement = Placement(*place, AttachKind.EXISTING, original)
+            mode_before = None
+        set_drop_path_rate(module, rate)
+        vars(module)[PLACE_ATTRIBUTE] = placement
+
+        def undo() -> None:
+            set_drop_path_rate(module, previous)
+            if earlier is None:
+                del vars(module)[PLACE_ATTRIBUTE]
+            else:
+                vars(module)[PLACE_ATTRIBUTE] = earlier
+            if mode_before is not None and isinstance(module, DropPath):
+                module.mode = mode_before
+
+        self._undo.append(undo)
+        return Outcome(SiteStatus.RE_RATED, rate, previous)
+
+    def undo(self) -> None:
+        """Undo every change, last first."""
+        for step in reversed(self._undo):
+            step()
+        self._undo.clear()
+        self._done.clear()
+
+
+def scheduled_drop_paths(model: nn.Module) -> list[tuple[str, nn.Module, Placement]]:
+    """Every drop path with a ``Placement`` (attached or re-rated by this package), by path."""
+    found = []
+    for path, module in model.named_modules():
+        place = placement_of(module)
+        if place is not None:
+            found.append((path, module, place))
+    return found
+
+
+def detach(model: nn.Module) -> int:
+    """Remove every DropPath this package attached and restore re-rated rates; returns a count."""
+    count = 0
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, BranchHook):
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+    for path, module, place in scheduled_drop_paths(model):
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        if place.kind is AttachKind.FORWARD_HOOK:
+            delattr(parent, name)
+        elif place.kind is AttachKind.SLOT:
+            slot = place.slot if place.slot is not None else nn.Identity()
+            slot.training = module.training
+            setattr(parent, name, slot)
+        else:
+            if place.original_rate is not None:
+                set_drop_path_rate(module, place.original_rate)
+            del vars(module)[PLACE_ATTRIBUTE]
+        count += 1
+    return count

@@ -1,0 +1,309 @@
+"""The symbolic pipeline: trace -> find sites -> schedule -> rewrite blocks -> verify.
+
+Used where the branch must be cut out of its block (``skip_compute=True``) and for a dry run
+with no example input. Blocks are found on a trace of the whole model (or of its largest
+traceable pieces), then each block is traced on its own, with nested blocks kept as calls, and
+replaced by that trace plus DropPath nodes. Nothing is changed until the plan is complete, and
+every change is undone if applying or verifying it fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx, nn
+
+from .droppaths import drop_path_rate_of
+from .errors import ExampleInputError, VerificationError
+from .inputs import (
+    ExampleInputs,
+    positional_arguments,
+    propagate_shapes,
+    resolve_inputs,
+    run_eval,
+)
+from .layers import DropPath, Mode
+from .report import Report, Site, SiteStatus, Skipped
+from .residuals import ResidualSite, find_residual_sites
+from .schedule import Schedule, drop_rates
+from .skipping import describe_plan, plan_cuts
+from .surgery import InjectedBlock, Surgery, build_injected_block
+from .tracing import (
+    mode_dependent_submodules,
+    trace_in_both_modes,
+    trace_pieces,
+)
+from .verify import Verification, count_elements, outputs_equal
+
+_ROOT_OWNED = (
+    "holds a residual add in its own forward; the model object itself is never replaced "
+    "(so its class and methods survive): move the residual into a submodule to get DropPath"
+)
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
+
+
+@dataclass
+class _Block:
+    """A residual block: its path in the model, its own trace, and the sites found in it."""
+
+    path: str
+    module: nn.Module
+    graph_module: fx.GraphModule
+    sites: list[ResidualSite]
+
+    def drop_path_at(self, site: ResidualSite) -> nn.Module | None:
+        if site.existing_drop_path is None:
+            return None
+        return self.graph_module.get_submodule(site.existing_drop_path)
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """How sites are rewritten: DropPath mode, and whether dropped branches skip their work."""
+
+    mode: Mode
+    skip_compute: bool = False
+    gather_batch_norm: bool = False
+
+
+@dataclass
+class _Plan:
+    blocks: list[_Block]
+    skipped: list[Skipped]
+    reference: Any = None  # eval outputs of the unchanged model, when inputs were given
+
+
+def _find_owners(model: nn.Module, inputs: ExampleInputs | None) -> tuple[list[str], _Plan]:
+    """Paths of the modules owning residual adds, in execution order, and the plan's start.
+
+    With ``inputs``, one eval run gives the reference outputs and each piece's arguments, from
+    which shapes are propagated through the piece's graph.
+    """
+    pieces, untraceable = trace_pieces(model)
+    plan = _Plan(
+        [], [Skipped(u.path, f"not traceable ({u.reason}); its submodules were traced instead")
+             for u in untraceable]
+    )  # fmt: skip
+    if inputs is not None:
+        piece_modules = {p.path: model.get_submodule(p.path) for p in pieces}
+        plan.reference, captured = _reference_run(model, inputs, piece_modules)
+        for piece in pieces:
+            args = captured.get(piece.path)
+            positional = args and positional_arguments(piece_modules[piece.path], args)
+            if positional is not None:
+                propagate_shapes(piece.graph_module, positional)
+    owners: dict[str, None] = {}
+    for piece in pieces:
+        for site in find_residual_sites(piece.graph_module):
+            owners.setdefault(_join(piece.path, site.owner))
+    if "" in owners:
+        del owners[""]
+        plan.skipped.append(Skipped("", _ROOT_OWNED))
+    return list(owners), plan
+
+
+def _plan_block(
+    model: nn.Module, path: str, nested: list[nn.Module], inputs: ExampleInputs | None
+) -> _Block | Skipped:
+    """Trace one block on its own and find its residual sites there."""
+    module = model.get_submodule(path)
+    try:
+        graph_module, same = trace_in_both_modes(module, nested)
+        if not same:
+            leaves = nested + mode_dependent_submodules(module, graph_module, nested)
+            graph_module, same = trace_in_both_modes(module, leaves)
+    except Exception as error:  # noqa: BLE001 - reported, the block is left as it is
+        return Skipped(path, f"not traceable on its own ({type(error).__name__}: {error})")
+    if not same:
+        return Skipped(path, "its own forward branches on self.training, which tracing freezes")
+    positional = inputs and positional_arguments(module, inputs)
+    if positional is not None:
+        propagate_shapes(graph_module, positional)
+    sites = [s for s in find_residual_sites(graph_module) if s.owner == ""]
+    if not sites:
+        return Skipped(path, "no residual add found when traced on its own")
+    return _Block(path, module, graph_module, sites)
+
+
+def _plan(model: nn.Module, inputs: ExampleInputs | None) -> _Plan:
+    """Everything injection will do, found without changing the model."""
+    owners, plan = _find_owners(model, inputs)
+    captured: dict[str, ExampleInputs] = {}
+    if inputs is not None and owners:
+        _, captured = run_eval(model, inputs, {p: model.get_submodule(p) for p in owners})
+    for path in owners:
+        nested = [model.get_submodule(p) for p in owners if p.startswith(f"{path}.")]
+        planned = _plan_block(model, path, nested, captured.get(path))
+        if isinstance(planned, Skipped):
+            plan.skipped.append(planned)
+        else:
+            plan.blocks.append(planned)
+    return plan
+
+
+def _describe(node: fx.Node, block_path: str) -> str:
+    if node.op == "call_module":
+        return _join(block_path, str(node.target))
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', node.target)}()"
+    return node.name
+
+
+def _site_reports(plan: _Plan, rates: list[float], rewrite: Rewrite | None = None) -> list[Site]:
+    """One line per site; with ``rewrite``, how its skipping branches would run, if requested."""
+    skip_mode = rewrite.mode if rewrite and rewrite.skip_compute else None
+    gather = bool(rewrite and rewrite.gather_batch_norm)
+    reports = []
+    for index, (block, rate) in enumerate(zip(plan.blocks, rates, strict=True)):
+        new_sites = [site for site in block.sites if site.existing_drop_path is None]
+        cuts = plan_cuts(block.graph_module, new_sites) if skip_mode else {}
+        for site in block.sites:
+            existing = block.drop_path_at(site)
+            attached, previous, skipping = "", None, None
+            if existing is None:
+                status, site_rate, how = SiteStatus.INJECTED, rate, "rewritten block"
+                if skip_mode:
+                    skipping = describe_plan(cuts[site], skip_mode, gather)
+            elif isinstance(existing, DropPath):
+                status, site_rate, how = SiteStatus.RE_RATED, rate, "rewritten block"
+                previous = existing.drop_prob
+            else:
+                status, how = SiteStatus.KEPT, "existing drop path"
+                attached = _join(block.path, str(site.existing_drop_path))
+                site_rate = drop_path_rate_of(existing) or 0.0
+            skip = "identity" if site.skip is site.fork else _describe(site.skip, block.path)
+            branch = _describe(site.branch, block.path)
+            reports.append(
+                Site(
+                    block.path,
+                    index,
+                    branch,
+                    skip,
+                    site_rate,
+                    status,
+                    attached,
+                    how,
+                    previous,
+                    skip_compute=skipping,
+                )  # fmt: skip
+            )
+    return reports
+
+
+def _apply(plan: _Plan, rates: list[float], rewrite: Rewrite, surgery: Surgery) -> None:
+    """Rewrite every block that needs a DropPath, innermost first; update injected ones.
+
+    Inner blocks go first so that an outer block's copy, built from the module as it is now,
+    already holds their replacements.
+    """
+    num_blocks = len(plan.blocks)
+    order = sorted(range(num_blocks), key=lambda i: -plan.blocks[i].path.count("."))
+    for index in order:
+        block, rate = plan.blocks[index], rates[index]
+        position = (index, num_blocks)
+        if isinstance(block.module, InjectedBlock):
+            surgery.update(block.module, rate, rewrite.mode, position)
+            continue
+        new_sites = [site for site in block.sites if site.existing_drop_path is None]
+        if new_sites:
+            replacement = build_injected_block(
+                surgery.model.get_submodule(block.path),
+                block.graph_module.graph,
+                new_sites,
+                rate,
+                rewrite.mode,
+                position,
+                rewrite.skip_compute,
+                rewrite.gather_batch_norm,
+            )
+            surgery.replace(block.path, replacement)
+
+
+def _reference_run(
+    model: nn.Module, inputs: ExampleInputs, capture: dict[str, nn.Module]
+) -> tuple[Any, dict[str, ExampleInputs]]:
+    """Eval outputs of the unchanged model, turning a failure into a clear input error."""
+    try:
+        return run_eval(model, inputs, capture)
+    except Exception as error:
+        raise ExampleInputError(
+            f"{type(model).__name__} failed on the example input {inputs.describe()} "
+            f"({type(error).__name__}: {error}); pass example_inputs that fit the model"
+        ) from error
+
+
+def dry_run(model: nn.Module, max_drop: float, schedule: Schedule) -> Report:
+    """``find_residuals`` without an example input: the symbolic trace alone decides."""
+    plan = _plan(model, None)
+    rates = drop_rates(len(plan.blocks), max_drop, schedule)
+    return Report(_site_reports(plan, rates), plan.skipped, len(plan.blocks))
+
+
+def _verification_failure(
+    model: nn.Module, plan: _Plan, rates: list[float], rewrite: Rewrite, inputs: ExampleInputs
+) -> str:
+    """Why verification failed, for the error: a broken block, or an irreproducible model."""
+    if not outputs_equal(plan.reference, run_eval(model, inputs)[0]):
+        return (
+            f"{type(model).__name__} gives different eval outputs on two runs of the same input, "
+            "so bit-identity cannot be checked; the model was restored. Make its eval forward "
+            "deterministic, or pass verify=False"
+        )
+    culprit = _first_broken_block(model, plan, rates, rewrite, inputs)
+    return (
+        f"eval outputs changed after rewriting {culprit}; the model was restored. "
+        "Please report this model; inject_droppath(..., verify=False) skips the check"
+    )
+
+
+def _first_broken_block(
+    model: nn.Module, plan: _Plan, rates: list[float], rewrite: Rewrite, inputs: ExampleInputs
+) -> str:
+    """The first block whose rewrite alone changes the eval outputs (for the error message)."""
+    for index, block in enumerate(plan.blocks):
+        single = _Plan([block], [])
+        surgery = Surgery(model)
+        try:
+            _apply(single, [rates[index]], rewrite, surgery)
+            broken = not outputs_equal(plan.reference, run_eval(model, inputs)[0])
+        finally:
+            surgery.undo()
+        if broken:
+            return block.path
+    return "the combination of all blocks"
+
+
+def inject_traced(
+    model: nn.Module,
+    max_drop: float,
+    schedule: Schedule,
+    example_inputs: Any,
+    verify: bool,
+    rewrite: Rewrite,
+) -> Report:
+    """``inject_droppath(skip_compute=True)`` once its arguments are checked: plan, rewrite,
+    verify or undo; returns the report."""
+    inputs = resolve_inputs(model, example_inputs, required=verify)
+    plan = _plan(model, inputs)
+    rates = drop_rates(len(plan.blocks), max_drop, schedule)
+    report = Report(_site_reports(plan, rates, rewrite), plan.skipped, len(plan.blocks))
+    surgery = Surgery(model)
+    try:
+        _apply(plan, rates, rewrite, surgery)
+        if inputs is not None and verify:
+            outputs, _ = run_eval(model, inputs)
+            passed = outputs_equal(plan.reference, outputs)
+            report.verification = Verification(passed, count_elements(outputs), inputs.describe())
+            if not passed:
+                surgery.undo()
+                raise VerificationError(_verification_failure(model, plan, rates, rewrite, inputs))
+    except BaseException:
+        surgery.undo()
+        raise
+    return report
