@@ -128,11 +128,12 @@ def _commuting_input(node: fx.Node, region: set[fx.Node]) -> fx.Node | None:
     if not inputs:
         return None
     source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    if scale:  # x * s commutes for any s; only the numerator of a division does
-        numerator_only = name.startswith(("div", "__truediv__", "true_divide", "divide"))
-        if len(inputs) != 1 or (numerator_only and inputs[0] is not source):
-            return None
-        return inputs[0] if _keeps_batch_dim(node, inputs[0]) else None
+    if scale:  # x * s commutes with a per-sample scale for any s; only x of x / s does
+        if name.startswith(("div", "__truediv__", "true_divide", "divide")):
+            inputs = [source] if source in inputs else []
+        # of two factors computed in the branch, follow one that a module returned
+        inputs.sort(key=lambda n: not n.meta.get("module_outputs"))
+        return inputs[0] if inputs and _keeps_batch_dim(node, inputs[0]) else None
     if not ok or source is None or source not in region or len(inputs) != 1:
         return None
     return source if _keeps_batch_dim(node, source) else None
@@ -163,8 +164,10 @@ class _Planner:
         self.inside = run.nodes_in_call()
 
     def _within(self, output: ModuleOutput, region: set[fx.Node]) -> bool:
-        """Every data value the call computed lies in the branch region."""
-        return all(n in region for n in self.inside.get(output.call.key, []) if n in self.data)
+        """Every data value the call computed and something reads lies in the branch region
+        (unused ones, such as attention weights or an RNN's state, do not count)."""
+        inside = self.inside.get(output.call.key, [])
+        return all(n in region for n in inside if n in self.data and n.users)
 
     def _existing(self, site: ResidualSite, region: set[fx.Node]) -> Attachment | None:
         """A drop path on the branch's tail (one deeper inside belongs to a nested residual)."""
