@@ -118,9 +118,14 @@ class _GraphFacts:
         self.shapes_known = any("tensor_meta" in n.meta for n in self.nodes)
         self._tensor: dict[fx.Node, bool] = {}
         self.data: set[fx.Node] = set()  # nodes computed from a forward argument
+        self.parameters: set[fx.Node] = set()  # parameters and values computed from them alone
         for node in self.nodes:
             if node.op == "placeholder" or any(n in self.data for n in node.all_input_nodes):
                 self.data.add(node)
+            elif (node.op == "get_attr" and not node.meta.get("constant")) or any(
+                n in self.parameters for n in node.all_input_nodes
+            ):
+                self.parameters.add(node)  # ``self.gamma.view(1, -1, 1, 1)`` reads gamma too
 
     def is_tensor(self, node: fx.Node) -> bool:
         """Whether ``node`` produces tensor data (not a shape, dtype or other metadata)."""
@@ -171,9 +176,7 @@ class _GraphFacts:
         if node.op == "call_module":
             module = self.modules[node.target]
             return not is_drop_path_module(module) and any(True for _ in module.parameters())
-        return self.is_weight_op(node) or any(
-            n.op == "get_attr" and not n.meta.get("constant") for n in node.all_input_nodes
-        )
+        return self.is_weight_op(node) or any(n in self.parameters for n in node.all_input_nodes)
 
     def is_weight_op(self, node: fx.Node) -> bool:
         """Conv, linear, matmul, attention, or a leaf module holding weights (norms excluded)."""
@@ -372,9 +375,12 @@ def _classify(facts: _GraphFacts, add: fx.Node) -> ResidualSite | None:
         and (
             _subtracts_parallel_paths(facts, fork, branch_region)
             or _summed_with_parallel_path(facts, fork, add)
+            or _chain_depth(facts, fork, skip_region, facts.has_parameters) > 0
         )
     ):
-        return None  # one layer of parallel convs and norms: a re-parameterizable block
+        # one layer of parallel convs and norms (RepVGG and MobileOne's identity BN, RepMixer's
+        # ``mixer(x) - norm(x)``): a re-parameterizable block, which folds into a single conv
+        return None
     existing = next(
         (
             str(n.target)

@@ -156,8 +156,8 @@ class LayerScaleResidual(PlainResidual):
 class RepVggIdentityBlock(nn.Module):
     """RepVGG with its identity-BN branch: ``conv1x1(x) + convkxk(x)`` then ``+= bn(x)``.
 
-    The parallel convs tie, but their sum against the weightless identity BN is a residual
-    (timm puts its DropPath exactly there).
+    The parallel convs tie, and their sum against the identity BN is one re-parameterizable
+    layer, not a residual block (timm's byobnet drops there, its FastViT does not).
     """
 
     BRANCHES = ("conv_kxk", "conv_1x1")

@@ -11,7 +11,7 @@ import copy
 import torch
 from test_zoo import TIMM_DROP_PATH_RATE, ZOO, ZooModel, _schedule, _timm_drop_paths_in_call_order
 
-from droppath_inject import inject_droppath
+from droppath_inject import SiteStatus, inject_droppath
 
 
 def _ground_truth(entry: ZooModel, original: torch.nn.Module, x: torch.Tensor) -> tuple[int, str]:
@@ -35,7 +35,7 @@ def main() -> None:
         _, report = inject_droppath(
             model, 0.1, schedule=_schedule(entry), example_inputs=x, return_report=True
         )
-        existing = sum(s.drop_path.startswith("existing") for s in report.sites)
+        existing = sum(s.status in (SiteStatus.RE_RATED, SiteStatus.KEPT) for s in report.sites)
         bitwise = "yes" if report.verification and report.verification.passed else "NO"
         print(
             f"| {entry.spec} | {'x'.join(map(str, entry.input_size[1:]))} | {len(report.sites)} "
