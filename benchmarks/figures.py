@@ -136,9 +136,9 @@ def _forward(model: nn.Module, x: Tensor) -> Callable[[], object]:
 def measure_injection(base: nn.Module, x: Tensor, settings: Settings) -> InjectionResult:
     """Figure 1: per repetition, a forward anchor (median of 3), injection, verification.
 
-    Injection is ``inject_droppath(verify=False)`` with ``example_inputs`` (trace, analysis
-    with its shape-propagation eval runs, surgery); verification is the eval run of the
-    injected model and the bitwise comparison; ``api_total`` is ``verify=True``, end to end.
+    Injection is ``inject_droppath(verify=False)`` with ``example_inputs`` (one captured eval
+    run, analysis, attaching); verification is the eval run of the injected model and the
+    bitwise comparison; ``api_total`` is ``verify=True``, end to end.
     """
     device, inputs = settings.device, ExampleInputs.from_user(x)
     reference = run_eval(base, inputs)[0]

@@ -2,7 +2,7 @@
 
 An add ``a + b`` is a residual when both operands descend from a common fork ``x``, each side
 is a closed region (no tensor it computes from ``x`` is used outside it), and one side, the
-branch, holds a longer chain of weight-bearing ops than the other, the skip. See DESIGN.md.
+branch, holds a longer chain of weight-bearing ops than the other, the skip. See docs/DESIGN.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Rate control during training (set_drop_rates, DropPathScheduler) and remove_droppath.
 
-Expected rates are computed here from the depth rule in DESIGN.md and from the order in which
+Expected rates are computed here from the depth rule in docs/DESIGN.md and from the order in which
 the *original* model runs its residual blocks (forward hooks), never from droppath_inject's
 own schedule code. Removal is checked against the module objects recorded before injection.
 """
@@ -83,7 +83,7 @@ def rates_by_block(model: nn.Module) -> dict[str, list[float]]:
 
 
 def linear_rule(num_blocks: int, max_drop: float) -> list[float]:
-    """DESIGN.md: block i of L gets ``max_drop * i / (L - 1)``; L == 1 gives 0."""
+    """docs/DESIGN.md: block i of L gets ``max_drop * i / (L - 1)``; L == 1 gives 0."""
     return [max_drop * i / (num_blocks - 1) if num_blocks > 1 else 0.0 for i in range(num_blocks)]
 
 

@@ -315,12 +315,20 @@ def _train_step(
     return outputs, grads, [b.clone() for b in model.buffers()]
 
 
-def test_train_mode_at_rate_zero_matches_original(injected: Injected) -> None:
-    model = copy.deepcopy(injected.model)
+def _rate_zero(model: nn.Module) -> nn.Module:
+    """Every drop path of ``model`` (ours, timm's, torchvision's) at rate 0."""
     for module in model.modules():
-        if isinstance(module, DropPath):
+        if isinstance(module, (DropPath, TimmDropPath)):
             module.drop_prob = 0.0
-    original = copy.deepcopy(injected.original)
+        elif isinstance(module, StochasticDepth):
+            module.p = 0.0
+    return model
+
+
+def test_train_mode_at_rate_zero_matches_original(injected: Injected) -> None:
+    """The original at rate 0 (its own drop paths too, which injection re-rated)."""
+    model = _rate_zero(copy.deepcopy(injected.model))
+    original = _rate_zero(copy.deepcopy(injected.original))
     out_a, grads_a, buffers_a = _train_step(original, injected.x)
     out_b, grads_b, buffers_b = _train_step(model, injected.x)
     assert len(out_a) == len(out_b) and all(map(torch.equal, out_a, out_b))
@@ -328,6 +336,17 @@ def test_train_mode_at_rate_zero_matches_original(injected: Injected) -> None:
     for a, b in zip(grads_a, grads_b, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
     assert all(map(torch.equal, buffers_a, buffers_b))
+
+
+def _calls(model: nn.Module, modules: list[nn.Module], x: Tensor) -> int:
+    """How many times ``modules`` run in one eval forward (a shared drop path runs twice)."""
+    calls: list[int] = []
+    handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in modules]
+    with torch.no_grad():
+        model.eval()(x)
+    for handle in handles:
+        handle.remove()
+    return len(calls)
 
 
 def _force_drop(model: nn.Module, drop_paths: list[nn.Module]) -> None:
@@ -345,7 +364,7 @@ def test_placement_matches_timm_native(injected: Injected) -> None:
     ours, native = copy.deepcopy(injected.model), copy.deepcopy(injected.native)
     native_calls = [m for m in _timm_drop_paths_in_call_order(native, injected.x) if m is not None]
     ours_drop = [m for m in ours.modules() if isinstance(m, DropPath) and m.drop_prob > 0]
-    assert len(ours_drop) == len(native_calls) > 0  # one module per site on our side
+    assert _calls(ours, ours_drop, injected.x) == len(native_calls) > 0  # as many dropped sites
     _force_drop(native, native_calls)
     _force_drop(ours, ours_drop)
     with torch.no_grad():
