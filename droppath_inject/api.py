@@ -305,21 +305,26 @@ def _warn_if_little_happened(model: nn.Module, report: Report) -> None:
     """Say so when nothing was found, or some sites or modules got no DropPath."""
     name = type(model).__name__
     if not report.sites:
-        reasons = "; ".join(f"{s.module or '<model>'}: {s.reason}" for s in report.skipped[:3])
+        untouched = "; ".join(f"{s.module or '<model>'}: {s.reason}" for s in report.skipped[:3])
         warnings.warn(
             f"no residual site found in {name}: nothing was injected"
-            + (f" ({reasons})" if reasons else ""),
+            + (f" ({untouched})" if untouched else ""),
             DropPathWarning,
             stacklevel=3,
         )
         return
     missed = [s for s in report.sites if s.status is SiteStatus.SKIPPED]
     if missed or report.skipped:
-        reasons = [f"{s.branch}: {s.detail}" for s in missed[:3]]
-        reasons += [f"{s.module or '<model>'}: {s.reason}" for s in report.skipped[:3]]
+        parts = []
+        if missed:
+            parts.append(f"{len(missed)} of {len(report.sites)} residual sites of {name} got no "
+                         f"DropPath ({missed[0].branch}: {missed[0].detail})")  # fmt: skip
+        if report.skipped:
+            first = report.skipped[0]
+            parts.append(f"{len(report.skipped)} modules of {name} were left untouched "
+                         f"({first.module or '<model>'}: {first.reason})")  # fmt: skip
         warnings.warn(
-            f"{len(missed)} of {len(report.sites)} residual sites of {name} got no DropPath"
-            f" and {len(report.skipped)} modules were left untouched: " + "; ".join(reasons[:3]),
+            "; ".join(parts),
             DropPathWarning,
             stacklevel=3,
         )

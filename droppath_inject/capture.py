@@ -105,7 +105,7 @@ def _method_name(func: Callable[..., Any]) -> str | None:
         return str(func.__name__)
     descriptor = getattr(func, "__self__", None)
     if getattr(func, "__name__", "") == "__get__" and hasattr(descriptor, "__objclass__"):
-        return str(descriptor.__name__)  # a property such as ``x.T`` or ``x.data``
+        return str(getattr(descriptor, "__name__", ""))  # a property: ``x.T``, ``x.data``
     return None
 
 

@@ -32,7 +32,7 @@ from .placement import calls_of, library_drop_paths, randomize_constant_paramete
 
 RATE = 0.1
 _SMALL_FIRST = re.compile(r"atto|femto|pico|nano|tiny|micro|mini|small|xxs|xs|_s\d|18|b0|002|_t")
-CANDIDATES_PER_FAMILY = 12
+CANDIDATES_PER_FAMILY = 6
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ def smallest_model(family: str) -> str | None:
 def _input(model: nn.Module) -> torch.Tensor:
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     channels, height, width = size
-    if height > 160 and "fixed_input_size" not in model.pretrained_cfg:
-        height = width = 160
+    if height > 128 and "fixed_input_size" not in model.pretrained_cfg:
+        height = width = 128
     return torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(1))
 
 

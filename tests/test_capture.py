@@ -267,3 +267,25 @@ def test_layers_of_a_loop_are_blocks() -> None:
     assert hooked == [f"layers.{i}.{j}" for i in range(4) for j in range(2)]
     rates = {path: m.drop_prob for path, m in model.named_modules() if isinstance(m, DropPath)}
     assert sorted(rates.values()) == [pytest.approx(r) for r in sorted(expected)]
+
+
+def test_torchvision_drop_paths_built_at_zero_get_the_schedule() -> None:
+    """convnext_tiny with ``stochastic_depth_prob=0``: its StochasticDepth modules (all at 0)
+    are re-rated to the schedule, so ``max_drop`` is not ignored; ``keep`` leaves them at 0."""
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.ops import StochasticDepth
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    for existing, top in (("rerate", 0.1), ("keep", 0.0)):
+        model = torchvision.models.convnext_tiny(stochastic_depth_prob=0.0)
+        depth = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+        assert len(depth) == 18 and all(m.p == 0.0 for m in depth)
+        _, report = inject_droppath(
+            model, 0.1, example_inputs=x, existing=existing, return_report=True
+        )
+        status = SiteStatus.RE_RATED if existing == "rerate" else SiteStatus.KEPT
+        assert [s.status for s in report.sites] == [status] * 18
+        assert not any(isinstance(m, DropPath) for m in model.modules())  # never doubled
+        expected = [top * i / 17 for i in range(18)]
+        assert [m.p for m in depth] == [pytest.approx(r) for r in expected]
