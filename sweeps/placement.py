@@ -25,16 +25,30 @@ class _Zeros(nn.Module):
         return torch.zeros_like(x)
 
 
-def library_drop_paths(model: nn.Module) -> list[str]:
-    """Paths of the library's drop paths and rate-0 slots (not this package's DropPath)."""
+def _rate(module: nn.Module) -> float:
+    return float(getattr(module, "drop_prob", getattr(module, "p", 0.0)) or 0.0)
+
+
+def library_drop_paths(model: nn.Module, dropping_only: bool = False) -> list[str]:
+    """Paths of the library's drop paths and rate-0 slots (not this package's DropPath);
+    with ``dropping_only``, the drop paths whose rate is above 0."""
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, DropPath):
+            continue
+        slot = type(module) is nn.Identity and _DROP_PATH_NAME.search(path.rpartition(".")[2])
+        drop = _DROP_PATH_NAME.search(type(module).__name__) and not slot
+        if (drop and (not dropping_only or _rate(module) > 0)) or (slot and not dropping_only):
+            found.append(path)
+    return found
+
+
+def our_drop_paths(model: nn.Module, dropping_only: bool = False) -> list[str]:
+    """Paths of this package's DropPaths (with ``dropping_only``, those whose rate is above 0)."""
     return [
-        path
-        for path, module in model.named_modules()
-        if not isinstance(module, DropPath)
-        and (
-            _DROP_PATH_NAME.search(type(module).__name__)
-            or (type(module) is nn.Identity and _DROP_PATH_NAME.search(path.rpartition(".")[2]))
-        )
+        p
+        for p, m in model.named_modules()
+        if isinstance(m, DropPath) and (not dropping_only or m.drop_prob > 0)
     ]
 
 
@@ -70,9 +84,9 @@ def library_branches_zeroed(model: nn.Module, paths: list[str]) -> Iterator[None
 
 
 @contextmanager
-def our_branches_dropped(model: nn.Module) -> Iterator[None]:
-    """Eval mode everywhere, but every DropPath of this package drops every sample."""
-    drops = [m for m in model.modules() if isinstance(m, DropPath)]
+def our_branches_dropped(model: nn.Module, paths: list[str]) -> Iterator[None]:
+    """Eval mode everywhere, but the DropPaths at ``paths`` drop every sample."""
+    drops = [model.get_submodule(p) for p in paths]
     saved = [(m, m.drop_prob) for m in drops]
     model.eval()
     for drop in drops:
@@ -86,13 +100,13 @@ def our_branches_dropped(model: nn.Module) -> Iterator[None]:
         model.eval()
 
 
-def same_placement(ours: nn.Module, native: nn.Module, x: Tensor) -> bool:
-    """Whether zeroing the library's branches equals dropping ours (shared weights)."""
-    paths = library_drop_paths(native)
+def same_placement(ours: nn.Module, native: nn.Module, x: Tensor, dropping_only: bool) -> bool:
+    """Whether zeroing the library's branches equals dropping ours (shared weights); with
+    ``dropping_only``, only the branches whose rate is above 0 on either side."""
     with torch.no_grad():
-        with library_branches_zeroed(native, paths):
+        with library_branches_zeroed(native, library_drop_paths(native, dropping_only)):
             expected = native.eval()(x)
-        with our_branches_dropped(ours):
+        with our_branches_dropped(ours, our_drop_paths(ours, dropping_only)):
             actual = ours(x)
     return _equal(expected, actual)
 

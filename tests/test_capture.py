@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from injection_checks import MAX_DROP, check_injection, linear_rate, seeded, tokens
 from torch import Tensor, nn
 
-from droppath_inject import DropPath, SiteStatus, find_residuals, inject_droppath
+from droppath_inject import DropPath, DropPathWarning, SiteStatus, find_residuals, inject_droppath
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -289,3 +289,60 @@ def test_torchvision_drop_paths_built_at_zero_get_the_schedule() -> None:
         assert not any(isinstance(m, DropPath) for m in model.modules())  # never doubled
         expected = [top * i / 17 for i in range(18)]
         assert [m.p for m in depth] == [pytest.approx(r) for r in expected]
+
+
+class Double(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 2
+
+
+class SharedScale(nn.Module):
+    """One ``scale`` serves a residual branch and, after it, the head: it must not be hooked (a
+    hook would drop the head's call too), so the branch's DropPath goes on ``mlp``, whose output
+    the scaling commutes with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = sm.mlp()
+        self.scale = Double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.scale(self.mlp(x))
+        return self.scale(x)
+
+
+def test_module_called_outside_a_branch_is_not_hooked() -> None:
+    torch.manual_seed(0)
+    model = SharedScale()
+    _, report = inject_droppath(model, 0.1, example_inputs=tokens(), return_report=True)
+    (site,) = report.sites
+    assert site.status is SiteStatus.INJECTED and site.attached_to == "mlp"
+    assert not model.scale._forward_hooks
+    drop = next(m for m in model.modules() if isinstance(m, DropPath))
+    drop.drop_prob = 1.0
+    drop.train()
+    with torch.no_grad():  # the branch is dropped, the head's call of scale is not
+        assert torch.equal(model(tokens()[0]), tokens()[0] * 2)
+
+
+class SharedOnly(nn.Module):
+    """The branch is ``proj``'s output and nothing else: with ``proj`` also called outside the
+    branch, no module can carry a DropPath; the site is reported, not attached wrongly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(DIM, DIM)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.proj(x)
+        return self.proj(x)
+
+
+def test_shared_module_with_no_alternative_is_skipped_with_the_reason() -> None:
+    torch.manual_seed(0)
+    model = SharedOnly()
+    with pytest.warns(DropPathWarning, match="1 of 1 residual sites"):
+        _, report = inject_droppath(model, 0.1, example_inputs=tokens(), return_report=True)
+    (site,) = report.sites
+    assert site.status is SiteStatus.SKIPPED and "also called elsewhere" in site.detail
+    assert not model.proj._forward_hooks
