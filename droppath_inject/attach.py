@@ -10,16 +10,18 @@ dropout, ReLU, multiplication or division by any tensor) gets its DropPath there
 - otherwise a forward hook on the module computing the branch applies a DropPath registered in
   the block that owns the add, so it shows in ``print(model)`` and ``model.modules()``.
 
-A hook fires on every call of its module, so a module is hooked only if every one of its calls
-in the run is a residual branch; otherwise the next module on the branch's tail is tried, and a
-branch with none is reported, not rewritten.
+A hook fires on every call of its module, and a drop path or slot acts on every call too, so a
+module is used only if every one of its calls in the run is a residual branch it carries
+(Hugging Face's PoolFormer also runs its drop-path class as the MLP's dropout: that one is not
+re-rated); otherwise the next candidate on the branch's tail is tried, and a branch with none
+is reported, not rewritten.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 from torch import fx, nn
@@ -169,16 +171,6 @@ class _Planner:
         inside = self.inside.get(output.call.key, [])
         return all(n in region for n in inside if n in self.data and n.users)
 
-    def _existing(self, site: ResidualSite, region: set[fx.Node]) -> Attachment | None:
-        """A drop path on the branch's tail (one deeper inside belongs to a nested residual)."""
-        for node in branch_tail(site):
-            for output in reversed(node.meta.get("module_outputs", [])):
-                path = output.call.path
-                module = self.run.modules[path]
-                if is_drop_path_module(module, path) and self._within(output, region):
-                    return Attachment(AttachKind.EXISTING, path)
-        return None
-
     def computed_by(self, site: ResidualSite) -> str:
         """The largest module (not a drop path or identity) whose output is the branch."""
         region = set(site.branch_region)
@@ -195,28 +187,32 @@ class _Planner:
         return best
 
     def candidates(self, site: ResidualSite) -> list[Attachment] | NoAttachment:
-        """Ways to attach, best first: an existing drop path or slot alone, else hooks on the
-        modules returning the branch (those called once first, then outermost first)."""
+        """Ways to attach, best first: a drop path already on the tail, a drop-path slot, then
+        hooks on the modules returning the branch (those called once first, then outermost)."""
         region = set(site.branch_region)
         named = self.computed_by(site)
-        existing = self._existing(site, region)
-        if existing is not None:
-            return [replace(existing, computed_by=named)]
         holder = self._holder(site.owner)
-        found: list[Attachment] = []
+        existing: list[Attachment] = []
+        slots: list[Attachment] = []
+        hooks: list[Attachment] = []
         for node in branch_tail(site):
             for output in reversed(node.meta.get("module_outputs", [])):  # outermost first
                 path = output.call.path
-                if not self._within(output, region):
+                if not path or not self._within(output, region):
                     continue
-                if is_drop_path_slot(self.run.modules[path], path):
-                    return [Attachment(AttachKind.SLOT, path, computed_by=named)]
-                if holder is not None and path:
-                    found.append(
+                module = self.run.modules[path]
+                if is_drop_path_slot(module, path):
+                    slots.append(Attachment(AttachKind.SLOT, path, computed_by=named))
+                elif is_drop_path_module(module, path):
+                    existing.append(Attachment(AttachKind.EXISTING, path, computed_by=named))
+                elif holder is not None:
+                    hooks.append(
                         Attachment(AttachKind.FORWARD_HOOK, path, output.leaf, holder, named)
                     )
+        hooks.sort(key=lambda a: self.run.call_counts[a.module] > 1)
+        found = existing + slots + hooks
         if found:
-            return sorted(found, key=lambda a: self.run.call_counts[a.module] > 1)
+            return found
         if holder is None:
             return NoAttachment(
                 f"no module to hold a DropPath: {site.owner or 'the model'} is a container", named
@@ -242,12 +238,8 @@ def _op_name(node: fx.Node) -> str:
     return f"{getattr(node.target, '__name__', node.target)}()"
 
 
-def _hook_at(option: list[Attachment] | NoAttachment, index: int) -> bool:
-    return (
-        isinstance(option, list)
-        and index < len(option)
-        and option[index].kind is AttachKind.FORWARD_HOOK
-    )
+def _chosen(option: list[Attachment] | NoAttachment, index: int) -> Attachment | None:
+    return option[index] if isinstance(option, list) and index < len(option) else None
 
 
 def plan_attachments(
@@ -256,18 +248,28 @@ def plan_attachments(
     """One attachment (or the reason there is none) per site of ``run``, in order."""
     planner = _Planner(run)
     options = [planner.candidates(site) for site in sites]
+    # a module fewer sites could use than it has calls can never carry them all: drop it first
+    listed: Counter[str] = Counter()
+    for option in options:
+        if isinstance(option, list):
+            listed.update({a.module for a in option})
+    options = [
+        [a for a in option if listed[a.module] >= run.call_counts[a.module]] or option
+        if isinstance(option, list)
+        else option
+        for option in options
+    ]
     choice = [0] * len(sites)
-    while True:
-        hooked: Counter[str] = Counter()
+    while True:  # a module is used only if every one of its calls is a branch it carries
+        used: Counter[str] = Counter()
         for option, index in zip(options, choice, strict=True):
-            if _hook_at(option, index):
-                assert isinstance(option, list)
-                hooked[option[index].module] += 1
-        shared = {path for path, count in hooked.items() if count < run.call_counts[path]}
+            if (chosen := _chosen(option, index)) is not None:
+                used[chosen.module] += 1
+        shared = {path for path, count in used.items() if count < run.call_counts[path]}
         moved = False
         for position, option in enumerate(options):
-            index = choice[position]
-            if _hook_at(option, index) and option[index].module in shared:  # type: ignore[index]
+            chosen = _chosen(option, choice[position])
+            if chosen is not None and chosen.module in shared:
                 choice[position] += 1
                 moved = True
         if not moved:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from droppath_inject import DropPath
 
@@ -112,11 +113,9 @@ def same_placement(ours: nn.Module, native: nn.Module, x: Tensor, dropping_only:
 
 
 def _equal(a: object, b: object) -> bool:
-    if isinstance(a, Tensor):
-        return isinstance(b, Tensor) and torch.equal(a, b)
-    if isinstance(a, (tuple, list)):
-        return isinstance(b, (tuple, list)) and all(map(_equal, a, b))
-    return a == b
+    left = [t for t in pytree.tree_leaves(a) if isinstance(t, Tensor)]
+    right = [t for t in pytree.tree_leaves(b) if isinstance(t, Tensor)]
+    return len(left) == len(right) and all(map(torch.equal, left, right))
 
 
 def randomize_constant_parameters(model: nn.Module, seed: int = 2) -> None:
