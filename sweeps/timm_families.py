@@ -19,6 +19,7 @@ import argparse
 import re
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +27,14 @@ import timm
 import torch
 from torch import nn
 
-from droppath_inject import SiteStatus, inject_droppath
+from droppath_inject import Site, SiteStatus, inject_droppath
+from droppath_inject.attach import AttachKind
 
 from .placement import calls_of, library_drop_paths, randomize_constant_parameters, same_placement
 
 RATE = 0.1
 _SMALL_FIRST = re.compile(r"atto|femto|pico|nano|tiny|micro|mini|small|xxs|xs|_s\d|18|b0|002|_t")
-CANDIDATES_PER_FAMILY = 6
+CANDIDATES_PER_FAMILY = 4
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def sweep_model(family: str, name: str) -> Row:
     except TypeError as error:
         return Row(family, name, 0, 0, None, None, f"no drop_path_rate ({error})")
     randomize_constant_parameters(native)
-    plain = timm.create_model(name, pretrained=False)
+    plain = timm.create_model(name, pretrained=False, drop_path_rate=0.0)  # some default to > 0
     plain.load_state_dict(native.state_dict())
     x = _input(native)
     try:
@@ -126,7 +128,23 @@ def compare(family: str, name: str, native: nn.Module, plain: nn.Module, x: obje
             note = (f"timm builds no module where its rate is 0 ({zero} sites, rate 0 here "
                     f"too); the {ours} sites dropped at rate > 0 match")  # fmt: skip
             return Row(family, name, truth, len(attached), True, bitwise, note, zero)
+    if not placement:
+        note = "; ".join(filter(None, [note, _unslotted(plain, attached)]))
     return Row(family, name, truth, len(attached), placement, bitwise, note)
+
+
+def _unslotted(model: nn.Module, attached: list[Site]) -> str:
+    """Where the library put no drop path nor slot but we found a residual (hooked sites), by
+    the class of the block owning the add: the residuals it chose not to drop."""
+    hooked = Counter(
+        type(model.get_submodule(s.owner)).__name__
+        for s in attached
+        if s.how == AttachKind.FORWARD_HOOK.value
+    )
+    if not hooked:
+        return ""
+    listed = ", ".join(f"{count} x {name}" for name, count in hooked.most_common(3))
+    return f"residuals with no library drop path or slot: {listed}"
 
 
 def run(families: list[str]) -> list[Row]:
