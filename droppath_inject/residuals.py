@@ -261,8 +261,9 @@ def _is_closed(facts: _GraphFacts, region: list[fx.Node], add: fx.Node) -> bool:
 
 
 def _subtracts_parallel_paths(facts: _GraphFacts, fork: fx.Node, region: list[fx.Node]) -> bool:
-    """The region subtracts two values both computed from ``fork`` (``mixer(x) - norm(x)``)."""
-    members = {fork, *region}
+    """The region subtracts two values both computed from ``fork`` (RepMixer's
+    ``mixer(x) - norm(x)``); ``f(x) - x`` (EfficientViM's ``x + a * (f(x) - x)``) is not that."""
+    members = set(region)
     return any(
         facts.is_subtraction(node) and sum(n in members for n in facts.data_inputs(node)) >= 2
         for node in region
