@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from .capture import CapturedRun, ModuleOutput
 from .droppaths import is_drop_path_module, is_drop_path_slot
-from .residuals import ResidualSite
+from .residuals import ResidualSite, rejoins_add, writes_back
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -151,7 +151,8 @@ def branch_tail(site: ResidualSite) -> list[fx.Node]:
     region = set(site.branch_region)
     tail = [site.branch]
     while (source := _commuting_input(tail[-1], region)) is not None:
-        if _tensor_users(source) != [tail[-1]]:
+        others = [u for u in _tensor_users(source) if u is not tail[-1]]
+        if any(not (rejoins_add(u, site.add) or writes_back(u, site.add)) for u in others):
             break  # the value is read elsewhere in the branch too: scaling it would change that
         tail.append(source)
     return tail

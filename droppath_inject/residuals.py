@@ -254,10 +254,26 @@ def _is_closed(facts: _GraphFacts, region: list[fx.Node], add: fx.Node) -> bool:
     inside.add(add)
     return all(
         user in inside
+        or writes_back(user, add)
+        or rejoins_add(user, add)
         or (user.op != "output" and (not facts.is_tensor(user) or facts.is_dead(user)))
         for node in region
         for user in node.users
     )
+
+
+def rejoins_add(node: fx.Node, add: fx.Node) -> bool:
+    """The rest of a branch whose first channels take the add, concatenated back with it:
+    ReXNet's ``cat([x[:, :c] + shortcut, x[:, c:]], dim=1)``."""
+    if not (node.op == "call_method" and node.target == "__getitem__" and len(node.users) == 1):
+        return False
+    (user,) = node.users
+    return user.op == "call_function" and user.target is torch.cat and add in user.all_input_nodes
+
+
+def writes_back(node: fx.Node, add: fx.Node) -> bool:
+    """``x[idx] = add``: Python's write-back of ``x[:, :c] += shortcut`` into the branch."""
+    return node.op == "call_method" and node.target == "__setitem__" and add in node.args[2:]
 
 
 def _subtracts_parallel_paths(facts: _GraphFacts, fork: fx.Node, region: list[fx.Node]) -> bool:

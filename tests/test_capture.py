@@ -346,3 +346,31 @@ def test_shared_module_with_no_alternative_is_skipped_with_the_reason() -> None:
     (site,) = report.sites
     assert site.status is SiteStatus.SKIPPED and "also called elsewhere" in site.detail
     assert not model.proj._forward_hooks
+
+
+class SliceResidual(nn.Module):
+    """ReXNet's partial residual: the shortcut is added into the branch's first channels."""
+
+    BRANCHES = ("f",)
+    ADDS = 1
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.f = nn.Linear(DIM, 2 * DIM)
+        self.in_place = in_place
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.f(x)
+        if self.in_place:
+            h[..., :DIM] += x
+            return h[..., :DIM] * h[..., DIM:].sigmoid()
+        out = torch.cat([h[..., :DIM] + x, h[..., DIM:]], dim=-1)
+        return out[..., :DIM] * out[..., DIM:].sigmoid()
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["x[:, :c] += shortcut", "cat"])
+def test_residual_added_into_a_channel_slice(in_place: bool) -> None:
+    """The DropPath goes on the whole branch (``f``), as timm's ReXNet drops it."""
+    factory = seeded(lambda: sm.token_net([SliceResidual(in_place) for _ in range(3)]))
+    _, report = check_injection(factory, tokens(), ["blocks.0", "blocks.1", "blocks.2"])
+    assert [s.attached_to for s in report.sites] == [f"blocks.{i}.f" for i in range(3)]
