@@ -175,10 +175,12 @@ def _line(row: Row) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    matching = sum(row.matches for row in rows)
+    applicable = [row for row in rows if row.bitwise is not None]
+    matching = sum(row.matches for row in applicable)
     lines = [
-        f"{matching} of {len(rows)} timm families match timm's own placement "
-        f"(timm {timm.__version__}, torch {torch.__version__}).",
+        f"{matching} of the {len(applicable)} timm families that take `drop_path_rate` match "
+        f"timm's own placement, bitwise on shared weights; {len(rows) - len(applicable)} take "
+        f"none (timm {timm.__version__}, torch {torch.__version__}).",
         "",
         "| family | model | truth | found | placement equal | eval bitwise | note |",
         "|---|---|---|---|---|---|---|",
