@@ -16,15 +16,16 @@ from typing import Any, Literal, overload
 
 from torch import nn
 
-from .apply import Attacher
+from .apply import Attacher, scheduled_drop_paths
 from .attach import AttachKind, Attachment
 from .droppaths import drop_path_rate_of
-from .errors import DropPathWarning, VerificationError
+from .errors import DropPathInjectError, DropPathWarning, VerificationError
 from .inputs import ExampleInputs, resolve_inputs, run_eval
-from .layers import Mode, check_mode
+from .layers import DropPath, Mode, check_mode
 from .plan import Plan, make_plan, site_report
 from .report import Report, Site, SiteStatus
 from .schedule import Schedule, drop_rates
+from .surgery import InjectedBlock
 from .traced import Rewrite, dry_run, inject_traced
 from .verify import Verification, count_elements, outputs_equal
 
@@ -200,6 +201,7 @@ def inject_droppath(
         8
     """
     _check_arguments(max_drop, schedule, mode, existing)
+    _check_same_kind(model, skip_compute)
     with _garbage_collection_paused():
         if skip_compute:
             rewrite = Rewrite(mode, skip_compute, gather_batch_norm)
@@ -208,6 +210,19 @@ def inject_droppath(
             report = _inject(model, max_drop, schedule, mode, example_inputs, verify, existing)
     _warn_if_little_happened(model, report)
     return (model, report) if return_report else model
+
+
+def _check_same_kind(model: nn.Module, skip_compute: bool) -> None:
+    """A second call re-rates what the first placed: it cannot switch ``skip_compute``."""
+    attached = any(isinstance(m, DropPath) for _, m, _ in scheduled_drop_paths(model))
+    rewritten = any(isinstance(m, InjectedBlock) for m in model.modules())
+    if (skip_compute and attached) or (not skip_compute and rewritten):
+        before, now = ("False", "True") if skip_compute else ("True", "False")
+        raise DropPathInjectError(
+            f"{type(model).__name__} was injected with skip_compute={before}; this call asks for "
+            f"skip_compute={now}, which would add a second kind of DropPath: call "
+            "remove_droppath(model) first"
+        )
 
 
 def _inject(

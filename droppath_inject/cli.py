@@ -34,7 +34,7 @@ from .inputs import ExampleInputs, infer_example_inputs, run_eval
 from .layers import MODES
 from .report import Report, SiteStatus
 from .schedule import SCHEDULES
-from .sources import SourceError, load_source, parse_spec
+from .sources import SourceError, check_spec, load_source, parse_spec
 from .verify import Verification, count_elements, outputs_equal
 from .writing import OutputError, atomic_output, check_output, write_text
 
@@ -190,6 +190,12 @@ def _output_path(args: argparse.Namespace) -> Path:
 def _check_outputs(args: argparse.Namespace, out: Path | None) -> None:
     """Refuse bad output paths before the model is loaded, so a refusal is quick."""
     inputs = _input_files(args)
+    if out is not None and out.suffix == ".safetensors":
+        raise OutputError(
+            f"refusing to write {out}: the output is a whole model (a pickle of its code and "
+            "weights), which .safetensors cannot hold; name it .pt (its state_dict() loads "
+            "into the plain architecture)"
+        )
     if out is not None:
         check_output(out, inputs, force=args.force)
     if args.json is not None:
@@ -323,6 +329,9 @@ def _inject_and_write(
 
 def run(args: argparse.Namespace) -> None:
     """Load, inject (or plan, with ``--dry-run``), write and re-verify, printing the report."""
+    for spec in (args.source, args.arch):  # a bad spec is a bad source, whatever its output path
+        if spec is not None and parse_spec(spec) is not None:
+            check_spec(spec)
     out = None if args.dry_run else _output_path(args)
     _check_outputs(args, out)
     loaded = load_source(

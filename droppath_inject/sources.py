@@ -97,6 +97,20 @@ def _build_timm(name: str) -> nn.Module:
     return timm.create_model(name, pretrained=False)
 
 
+def check_spec(spec: str) -> None:
+    """Raise ``SourceError`` unless ``spec`` names a model its library has (nothing is built)."""
+    parsed = parse_spec(spec)
+    if parsed is None or not parsed[1]:
+        raise SourceError(f"not a model spec: {spec!r} ({_SPEC_HELP})")
+    library, name = parsed
+    module = _import(library)
+    known = module.models.list_models() if library == "torchvision" else None
+    if known is not None and name not in known:
+        raise _unknown_name(library, name, known)
+    if known is None and not module.is_model(name):
+        raise _unknown_name(library, name, module.list_models())
+
+
 def build_from_spec(spec: str) -> nn.Module:
     """The spec's architecture with random weights (``pretrained=False``: nothing is downloaded)."""
     parsed = parse_spec(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import timm
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from droppath_inject import (
+    DropPathInjectError,
     ExampleInputError,
     VerificationError,
     find_residuals,
@@ -111,3 +113,24 @@ def test_find_residuals_is_a_dry_run() -> None:
     assert dict(model.named_modules()) == modules
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert report.verification is None
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["attached first", "skip_compute first"])
+def test_second_call_cannot_switch_skip_compute(first: bool) -> None:
+    """Re-rating keeps what the first call placed; a different skip_compute raises, untouched."""
+    model = _Net()
+    x = torch.randn(2, 3, 8, 8)
+    inject_droppath(model, 0.2, example_inputs=x, skip_compute=first)
+    modules = dict(model.named_modules())
+    with pytest.raises(DropPathInjectError, match=f"skip_compute={first}.*remove_droppath"):
+        inject_droppath(model, 0.3, example_inputs=x, skip_compute=not first)
+    assert dict(model.named_modules()) == modules
+
+
+def test_negative_zero_max_drop_reads_as_zero() -> None:
+    _, report = inject_droppath(
+        _Net(), -0.0, example_inputs=torch.randn(2, 3, 8, 8), return_report=True
+    )
+    assert "-0.0" not in report.table()
+    rates = [site["rate"] for site in json.loads(json.dumps(report.to_dict()))["sites"]]
+    assert rates == [0.0] * 3 and all(math.copysign(1.0, r) == 1.0 for r in rates)

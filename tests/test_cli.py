@@ -383,6 +383,7 @@ BAD_INPUTS = {
         3,
     ),
     "unknown torchvision model": (nothing, ("torchvision:resnet19",), 3),
+    "spec that is a path": (nothing, ("torchvision:../../etc/passwd",), 3),
     "missing weights": (nothing, ("torchvision:resnet18", "--weights", "w.pt"), 3),
     "weights that do not fit": (
         lambda d: torch.save(tiny().state_dict(), d / "w.pt"),
@@ -433,6 +434,7 @@ BAD_INPUTS = {
         6,
     ),
     "output directory missing": (save_tiny, (*TRUSTED, "-o", "nowhere/out.pt"), 6),
+    "output named .safetensors": (save_tiny, (*TRUSTED, "-o", "out.safetensors"), 6),
     "json is the input": (save_tiny, (*TRUSTED, "--json", "model.pt", "--force"), 6),
 }
 
@@ -459,3 +461,12 @@ def test_unreadable_file(tmp_path: Path) -> None:
     assert result.returncode == 3 and len(result.stderr.splitlines()) == 1
     assert "Traceback" not in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_safetensors_output_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """The output is a whole model; .safetensors holds tensors only: refused, nothing written."""
+    save_tiny(tmp_path)
+    result = run_cli(*TRUSTED, "-o", "out.safetensors", cwd=tmp_path)
+    assert result.returncode == 6
+    assert "whole model" in result.stderr and "name it .pt" in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
