@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ class ExitCode(IntEnum):
     OUTPUT = 6
     NO_RESIDUAL = 7
     INTERRUPTED = 130
+    TERMINATED = 143
 
 
 EPILOG = """\
@@ -73,7 +75,8 @@ exit codes:
   6    output refused or failed: it exists (without --force), it is the input, its directory is
        missing or not writable
   7    no residual site found (or none could take a DropPath): nothing written
-  130  interrupted
+  130  interrupted (SIGINT, Ctrl-C)
+  143  terminated (SIGTERM, as kill, Docker and SLURM send)
 On any error nothing is written.
 """
 
@@ -367,18 +370,32 @@ def _fail(message: str, code: ExitCode) -> int:
     return code
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that partial outputs are removed on the way out
+    (a ``BaseException``, like ``KeyboardInterrupt``: no ``except Exception`` swallows it)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and of ``python -m droppath_inject``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_combinations(parser, args)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         run(args)
     except KeyboardInterrupt:
         return _fail("interrupted; nothing was written", ExitCode.INTERRUPTED)
+    except _Terminated:
+        return _fail("terminated (SIGTERM); nothing was written", ExitCode.TERMINATED)
     except DropPathInjectError as error:
         code = next(code for kind, code in _EXIT_CODES if isinstance(error, kind))
         return _fail(str(error), code)
     except Exception as error:  # noqa: BLE001 - one line, never a traceback
         return _fail(f"unexpected {_summary(error)}: this is a bug, please report it", ExitCode.BUG)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return ExitCode.OK

@@ -11,9 +11,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +35,27 @@ SMALL = "1,3,64,64"
 HELPER_MODULE = '''
 import torch
 from torch import nn
+
+
+class SlowToSave(nn.Module):
+    """A residual model whose pickling, once ``SLOW_SAVE_MARKER`` names a file, creates that
+    file and then takes a minute: a write that SIGTERM can interrupt."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+    def __getstate__(self):
+        import os, pathlib, time
+
+        marker = os.environ.get("SLOW_SAVE_MARKER")
+        if marker:
+            pathlib.Path(marker).touch()
+            time.sleep(60)
+        return super().__getstate__()
 
 
 class Drifting(nn.Module):
@@ -311,7 +334,7 @@ def test_no_verify_still_writes_and_reloads(tmp_path: Path) -> None:
 def test_help_documents_exit_codes(tmp_path: Path) -> None:
     result = run_cli("--help", cwd=tmp_path, module=True)
     assert_ok(result)
-    for code in ("0", "1", "2", "3", "4", "5", "6", "7"):
+    for code in ("0", "1", "2", "3", "4", "5", "6", "7", "130", "143"):
         assert f"\n  {code} " in result.stdout
     assert "--trust-pickle" in result.stdout
 
@@ -470,3 +493,25 @@ def test_safetensors_output_is_refused_with_the_reason(tmp_path: Path) -> None:
     assert result.returncode == 6
     assert "whole model" in result.stderr and "name it .pt" in result.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_sigterm_during_the_write_leaves_nothing(tmp_path: Path) -> None:
+    """SIGTERM while the model is being written: exit 143, one line, no partial file left."""
+    save_helper_model("SlowToSave")(tmp_path)
+    before = snapshot(tmp_path)
+    marker = tmp_path.parent / f"{tmp_path.name}.saving"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), SLOW_SAVE_MARKER=str(marker))
+    assert SCRIPT is not None
+    process = subprocess.Popen(
+        [SCRIPT, *TRUSTED], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the write never started"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert stderr.startswith(ERROR_PREFIX) and "SIGTERM" in stderr
+    assert len(stderr.splitlines()) == 1
+    assert snapshot(tmp_path) == before  # no hidden .model_droppath.pt.<hex>.tmp left
