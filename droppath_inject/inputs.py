@@ -69,7 +69,8 @@ def _first_weight_layer(model: nn.Module) -> nn.Module | None:
 
 
 def _image_size(model: nn.Module) -> tuple[int, ...] | None:
-    """Spatial size a model documents: timm's patch embedding or ``pretrained_cfg``, torchvision.
+    """Spatial size a model documents: timm's patch embedding or ``pretrained_cfg``, an
+    ``image_size``/``img_size`` attribute, a Hugging Face ``config.image_size``, torchvision.
 
     timm keeps ``pretrained_cfg`` at the pretrained size when a model is built with another
     ``img_size``; its patch embedding knows the size the model was built for.
@@ -80,9 +81,12 @@ def _image_size(model: nn.Module) -> tuple[int, ...] | None:
     config = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(config, Mapping) and "input_size" in config:
         return tuple(config["input_size"][1:])
-    size = getattr(model, "image_size", None)
-    if isinstance(size, int):
-        return (size, size)
+    for owner in (model, getattr(model, "config", None)):  # the model's own, then Hugging Face's
+        size = getattr(owner, "image_size", None) or getattr(owner, "img_size", None)
+        if isinstance(size, int):
+            return (size, size)
+        if isinstance(size, (tuple, list)) and all(isinstance(v, int) for v in size):
+            return tuple(size)
     if type(model).__name__ == "Inception3":  # torchvision's inception_v3 needs 299 x 299
         return (299, 299)
     return None

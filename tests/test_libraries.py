@@ -245,3 +245,12 @@ def test_vit_pytorch(kind: str) -> None:
     (out_a, grads_a), (out_b, grads_b) = run(untouched, images(), True), run(model, images(), True)
     assert_equal(out_a, out_b)
     assert all(torch.equal(g, grads_b[k]) for k, g in grads_a.items() if g is not None)
+
+
+def test_inferred_input_reads_the_hugging_face_config() -> None:
+    """No example_inputs: a ViT built for 32 x 32 images is run on 32 x 32, not 224 x 224."""
+    model = CASES["ViT"].build(0.0)
+    _, report = inject_droppath(model, MAX_DROP, return_report=True)
+    assert report.verification is not None and report.verification.passed
+    assert report.verification.inputs == "(2, 3, 32, 32)"
+    assert len(report.sites) == 6
