@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from .capture import CapturedRun, ModuleOutput
 from .droppaths import is_drop_path_module, is_drop_path_slot
-from .residuals import ResidualSite, rejoins_add, writes_back
+from .residuals import ResidualSite, data_derived, rejoins_add, writes_back
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -79,14 +79,6 @@ class NoAttachment:
 
     reason: str
     computed_by: str = ""
-
-
-def _data_nodes(graph: fx.Graph) -> set[fx.Node]:
-    data: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or any(n in data for n in node.all_input_nodes):
-            data.add(node)
-    return data
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -163,7 +155,7 @@ class _Planner:
 
     def __init__(self, run: CapturedRun) -> None:
         self.run = run
-        self.data = _data_nodes(run.graph)
+        self.data = data_derived(run.graph)
         self.inside = run.nodes_in_call()
 
     def _within(self, output: ModuleOutput, region: set[fx.Node]) -> bool:
@@ -172,11 +164,10 @@ class _Planner:
         inside = self.inside.get(output.call.key, [])
         return all(n in region for n in inside if n in self.data and n.users)
 
-    def computed_by(self, site: ResidualSite) -> str:
+    def computed_by(self, tail: list[fx.Node], region: set[fx.Node]) -> str:
         """The largest module (not a drop path or identity) whose output is the branch."""
-        region = set(site.branch_region)
         best, size = "", -1
-        for node in branch_tail(site):
+        for node in tail:
             for output in node.meta.get("module_outputs", []):
                 path = output.call.path
                 module = self.run.modules[path]
@@ -191,12 +182,13 @@ class _Planner:
         """Ways to attach, best first: a drop path already on the tail, a drop-path slot, then
         hooks on the modules returning the branch (those called once first, then outermost)."""
         region = set(site.branch_region)
-        named = self.computed_by(site)
+        tail = branch_tail(site)
+        named = self.computed_by(tail, region)
         holder = self._holder(site.owner)
         existing: list[Attachment] = []
         slots: list[Attachment] = []
         hooks: list[Attachment] = []
-        for node in branch_tail(site):
+        for node in tail:
             for output in reversed(node.meta.get("module_outputs", [])):  # outermost first
                 path = output.call.path
                 if not path or not self._within(output, region):

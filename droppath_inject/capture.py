@@ -109,10 +109,6 @@ def _method_name(func: Callable[..., Any]) -> str | None:
     return None
 
 
-def _tensor_leaves(value: Any) -> tuple[list[Any], pytree.TreeSpec]:
-    return pytree.tree_flatten(value)
-
-
 class _Recorder(TorchFunctionMode):
     """Builds the data-flow graph while the model runs (see the module docstring)."""
 
@@ -241,7 +237,7 @@ class _Recorder(TorchFunctionMode):
         if isinstance(output, Tensor):
             self._note_output(self.node_of(output), ModuleOutput(call, None))
             return
-        leaves, _ = _tensor_leaves(output)
+        leaves = pytree.tree_leaves(output)
         for index, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor):
                 self._note_output(self.node_of(leaf), ModuleOutput(call, index))
@@ -277,7 +273,7 @@ def capture(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]]) ->
     """
     args, kwargs = inputs
     recorder = _Recorder(model)
-    flat, _ = _tensor_leaves((args, kwargs))
+    flat = pytree.tree_leaves((args, kwargs))
     for index, value in enumerate(flat):
         if isinstance(value, Tensor):
             recorder.placeholder(f"input_{index}", value)

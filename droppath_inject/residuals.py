@@ -108,6 +108,15 @@ def is_inplace_add(node: fx.Node) -> bool:
     return node.target in _INPLACE_ADDS
 
 
+def data_derived(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes that depend on a forward argument (not only on parameters and constants)."""
+    derived: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(n in derived for n in node.all_input_nodes):
+            derived.add(node)
+    return derived
+
+
 class _GraphFacts:
     """Per-graph lookups shared by every candidate add: topological index, tensor-ness, modules."""
 
@@ -117,12 +126,12 @@ class _GraphFacts:
         self.modules = modules
         self.shapes_known = any("tensor_meta" in n.meta for n in self.nodes)
         self._tensor: dict[fx.Node, bool] = {}
-        self.data: set[fx.Node] = set()  # nodes computed from a forward argument
+        self.data = data_derived(graph)  # nodes computed from a forward argument
         self.parameters: set[fx.Node] = set()  # parameters and values computed from them alone
         for node in self.nodes:
-            if node.op == "placeholder" or any(n in self.data for n in node.all_input_nodes):
-                self.data.add(node)
-            elif (node.op == "get_attr" and not node.meta.get("constant")) or any(
+            if node in self.data:
+                continue
+            if (node.op == "get_attr" and not node.meta.get("constant")) or any(
                 n in self.parameters for n in node.all_input_nodes
             ):
                 self.parameters.add(node)  # ``self.gamma.view(1, -1, 1, 1)`` reads gamma too

@@ -23,7 +23,7 @@ from enum import Enum
 from torch import fx, nn
 
 from .layers import Mode, SkippingDropPath
-from .residuals import ResidualSite, is_inplace_add
+from .residuals import ResidualSite, data_derived, is_inplace_add
 
 
 @dataclass(frozen=True)
@@ -40,15 +40,6 @@ class BranchCut:
     per_sample: tuple[bool, ...] | None
     row_fallback: str | None
     batch_norms: tuple[nn.Module, ...]
-
-
-def _data_derived(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes that depend on a forward argument (not only on parameters and constants)."""
-    derived: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or any(n in derived for n in node.all_input_nodes):
-            derived.add(node)
-    return derived
 
 
 def _sizes_of_tensors(graph: fx.Graph) -> set[fx.Node]:
@@ -127,7 +118,7 @@ def cut_branch(graph_module: fx.GraphModule, site: ResidualSite) -> BranchCut | 
     for node in nodes:
         inputs += [n for n in node.all_input_nodes if n not in moved and n not in inputs]
     batch = _batch_size(site.add)
-    derived = _data_derived(graph)
+    derived = data_derived(graph)
     per_sample = tuple(
         n is site.fork or (n in derived and batch is not None and _batch_size(n) == batch)
         for n in inputs

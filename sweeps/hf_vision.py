@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .placement import randomize_constant_parameters
-from .timm_families import Row, _line, compare
+from .timm_families import Row, _line, compare, failed_row, markdown
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -105,8 +105,7 @@ def run(model_types: list[str]) -> list[Row]:
         try:
             rows.append(sweep_type(model_type))
         except Exception as error:  # noqa: BLE001 - one broken model must not stop the sweep
-            first = str(error).splitlines()[0][:100] if str(error) else ""
-            rows.append(Row(model_type, "?", 0, 0, None, None, f"{type(error).__name__}: {first}"))
+            rows.append(failed_row(model_type, "?", error))
         print(_line(rows[-1]), flush=True)
     return rows
 
@@ -116,15 +115,12 @@ def table(rows: list[Row]) -> str:
 
     built = [row for row in rows if row.bitwise is not None]
     matching = sum(row.matches for row in built)
-    lines = [
+    summary = (
         f"{matching} of {len(built)} Hugging Face vision models built from a small config match "
         f"the library's own placement (transformers {transformers.__version__}); "
-        f"{len(rows) - len(built)} could not be built small or run.",
-        "",
-        "| model type | class | truth | found | placement equal | eval bitwise | note |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    return "\n".join(lines + [_line(row) for row in rows]) + "\n"
+        f"{len(rows) - len(built)} could not be built small or run."
+    )
+    return markdown(summary, "model type", rows)
 
 
 def main() -> None:

@@ -156,7 +156,7 @@ def run(families: list[str]) -> list[Row]:
         try:
             rows.append(sweep_model(family, name))
         except Exception as error:  # noqa: BLE001 - one broken family must not stop the sweep
-            rows.append(Row(family, name, 0, 0, None, None, f"{type(error).__name__}: {error}"))
+            rows.append(failed_row(family, name, error))
         print(_line(rows[-1]), flush=True)
     return rows
 
@@ -174,18 +174,32 @@ def _line(row: Row) -> str:
     )
 
 
-def table(rows: list[Row]) -> str:
-    applicable = [row for row in rows if row.bitwise is not None]
-    matching = sum(row.matches for row in applicable)
+def markdown(summary: str, first_column: str, rows: list[Row]) -> str:
+    """The table: a summary sentence, then one line per row."""
     lines = [
-        f"{matching} of the {len(applicable)} timm families that take `drop_path_rate` match "
-        f"timm's own placement, bitwise on shared weights; {len(rows) - len(applicable)} take "
-        f"none (timm {timm.__version__}, torch {torch.__version__}).",
+        summary,
         "",
-        "| family | model | truth | found | placement equal | eval bitwise | note |",
+        f"| {first_column} | model | truth | found | placement equal | eval bitwise | note |",
         "|---|---|---|---|---|---|---|",
     ]
     return "\n".join(lines + [_line(row) for row in rows]) + "\n"
+
+
+def failed_row(family: str, name: str, error: Exception) -> Row:
+    """The row of a model the sweep could not build or run, with the error's first line."""
+    first = str(error).splitlines()[0][:100] if str(error) else ""
+    return Row(family, name, 0, 0, None, None, f"{type(error).__name__}: {first}")
+
+
+def table(rows: list[Row]) -> str:
+    applicable = [row for row in rows if row.bitwise is not None]
+    matching = sum(row.matches for row in applicable)
+    summary = (
+        f"{matching} of the {len(applicable)} timm families that take `drop_path_rate` match "
+        f"timm's own placement, bitwise on shared weights; {len(rows) - len(applicable)} take "
+        f"none (timm {timm.__version__}, torch {torch.__version__})."
+    )
+    return markdown(summary, "family", rows)
 
 
 def main() -> None:

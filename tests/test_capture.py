@@ -42,8 +42,8 @@ class ShapeUnpackingAttention(nn.Module):
         return x + self.proj((attn @ v).reshape(b, n, c))
 
 
-class LenOfTensor(nn.Module):
-    """``len(x)`` (an int a symbolic trace cannot give)."""
+class MlpBranch(nn.Module):
+    """A block whose residual branch is ``f``, a two-layer MLP; subclasses write the forward."""
 
     BRANCHES = ("f",)
     ADDS = 1
@@ -51,6 +51,10 @@ class LenOfTensor(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.f = sm.mlp()
+
+
+class LenOfTensor(MlpBranch):
+    """``len(x)`` (an int a symbolic trace cannot give)."""
 
     def forward(self, x: Tensor) -> Tensor:
         scale = 1.0 if len(x) > 0 else 0.0
@@ -79,15 +83,8 @@ class EinopsAttention(nn.Module):
         return x + self.attend(x)
 
 
-class ValueBranch(nn.Module):
+class ValueBranch(MlpBranch):
     """A branch on a tensor's value, taken the same way on every input."""
-
-    BRANCHES = ("f",)
-    ADDS = 1
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.f = sm.mlp()
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.isfinite(x).all():
@@ -95,15 +92,8 @@ class ValueBranch(nn.Module):
         return x
 
 
-class KwargsForward(nn.Module):
+class KwargsForward(MlpBranch):
     """A Hugging Face v5 style ``forward(self, x, **kwargs)``."""
-
-    BRANCHES = ("f",)
-    ADDS = 1
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.f = sm.mlp()
 
     def forward(self, x: Tensor, **kwargs: object) -> Tensor:
         scale = kwargs.get("scale", 1.0)
@@ -111,15 +101,8 @@ class KwargsForward(nn.Module):
         return x + self.f(x) * scale
 
 
-class OptionalMask(nn.Module):
+class OptionalMask(MlpBranch):
     """``forward(self, x, mask=None)``, called without the mask."""
-
-    BRANCHES = ("f",)
-    ADDS = 1
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.f = sm.mlp()
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         h = self.f(x)
