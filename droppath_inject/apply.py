@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from .attach import AttachKind, Attachment
 from .droppaths import drop_path_rate_of, set_drop_path_rate
+from .internals import remove_forward_hooks, tree_flatten, tree_unflatten
 from .layers import DropPath, Mode
 from .report import SiteStatus
 
@@ -51,13 +51,13 @@ class BranchHook:
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self.leaf is None:
             return self.drop_path(output)
-        leaves, spec = pytree.tree_flatten(output)
+        leaves, spec = tree_flatten(output)
         value = leaves[self.leaf]
         dropped = self.drop_path(value)
         if dropped is value:
             return None  # unchanged (eval mode, rate 0): keep the module's own output object
         leaves[self.leaf] = dropped
-        return pytree.tree_unflatten(leaves, spec)
+        return tree_unflatten(leaves, spec)
 
 
 def placement_of(module: nn.Module) -> Placement | None:
@@ -191,11 +191,7 @@ def detach(model: nn.Module) -> int:
     """Remove every DropPath this package attached and restore re-rated rates; returns a count."""
     count = 0
     for module in model.modules():
-        for key, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, BranchHook):
-                del module._forward_hooks[key]
-                module._forward_hooks_with_kwargs.pop(key, None)
-                module._forward_hooks_always_called.pop(key, None)
+        remove_forward_hooks(module, lambda hook: isinstance(hook, BranchHook))
     for path, module, place in scheduled_drop_paths(model):
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path)

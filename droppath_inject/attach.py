@@ -28,7 +28,8 @@ from torch import fx, nn
 
 from .capture import CapturedRun, ModuleOutput
 from .droppaths import is_drop_path_module, is_drop_path_slot
-from .residuals import ResidualSite, data_derived, rejoins_add, writes_back
+from .graph_facts import data_derived, rejoins_add, writes_back
+from .residuals import ResidualSite
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 

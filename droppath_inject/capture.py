@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
+
+from .internals import tree_leaves, version_counter
 
 _SIMPLE_ARGUMENTS = (
     type(None), bool, int, float, complex, str, slice, type(Ellipsis),
@@ -176,11 +177,11 @@ class _Recorder(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-        versions = [t._version for t in inputs]
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        versions = [version_counter(t) for t in inputs]
         outputs = func(*args, **kwargs)
-        produced = [t for t in pytree.tree_leaves(outputs) if isinstance(t, Tensor)]
-        mutated = [t for t, v in zip(inputs, versions, strict=True) if t._version != v]
+        produced = [t for t in tree_leaves(outputs) if isinstance(t, Tensor)]
+        mutated = [t for t, v in zip(inputs, versions, strict=True) if version_counter(t) != v]
         if not produced and not mutated:
             return outputs  # a size, dtype or other metadata query
         node = self._op_node(func, args, kwargs)
@@ -237,7 +238,7 @@ class _Recorder(TorchFunctionMode):
         if isinstance(output, Tensor):
             self._note_output(self.node_of(output), ModuleOutput(call, None))
             return
-        leaves = pytree.tree_leaves(output)
+        leaves = tree_leaves(output)
         for index, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor):
                 self._note_output(self.node_of(leaf), ModuleOutput(call, index))
@@ -273,12 +274,12 @@ def capture(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]]) ->
     """
     args, kwargs = inputs
     recorder = _Recorder(model)
-    flat = pytree.tree_leaves((args, kwargs))
+    flat = tree_leaves((args, kwargs))
     for index, value in enumerate(flat):
         if isinstance(value, Tensor):
             recorder.placeholder(f"input_{index}", value)
     with _module_hooks(recorder), recorder:
         outputs = model(*args, **kwargs)
-    returned = [recorder.node_of(t) for t in pytree.tree_leaves(outputs) if isinstance(t, Tensor)]
+    returned = [recorder.node_of(t) for t in tree_leaves(outputs) if isinstance(t, Tensor)]
     recorder.graph.output(tuple(returned))
     return CapturedRun(recorder.graph, outputs, recorder.modules, recorder.call_counts)

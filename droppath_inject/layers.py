@@ -124,6 +124,9 @@ class SkippingDropPath(DropPath):
     Keep decisions are drawn like ``drop_path``'s; batch-mode ones on the CPU (no device sync).
     """
 
+    branch: Callable[..., Tensor]
+    batch_norms: list[nn.Module]
+
     def __init__(
         self,
         branch: Callable[..., Tensor],
@@ -134,12 +137,13 @@ class SkippingDropPath(DropPath):
         gather_batch_norm: bool = False,
     ) -> None:
         super().__init__(drop_prob, mode)
-        vars(self)["branch"] = branch
-        vars(self)["batch_norms"] = list(batch_norms)
+        # plain attributes, past nn.Module.__setattr__, which would register them as children
+        object.__setattr__(self, "branch", branch)
+        object.__setattr__(self, "batch_norms", list(batch_norms))
         self.per_sample = per_sample
         self.gather_batch_norm = gather_batch_norm
 
-    def forward(self, skip: Tensor, *inputs: object) -> Tensor:  # type: ignore[override]
+    def forward(self, skip: Tensor, *inputs: object) -> Tensor:
         _check_drop_prob(self.drop_prob)
         check_mode(self.mode)
         if not self.training or self.drop_prob == 0.0:

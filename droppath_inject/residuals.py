@@ -8,56 +8,14 @@ branch, holds a longer chain of weight-bearing ops than the other, the skip. See
 from __future__ import annotations
 
 import heapq
-import operator
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .droppaths import is_drop_path_module
+from .graph_facts import GraphFacts, add_operands, is_inplace_add, rejoins_add, writes_back
 from .layers import SkippingDropPath
-
-_ADD_FUNCTIONS = frozenset(
-    {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
-)
-_ADD_METHODS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
-_INPLACE_ADDS = frozenset({operator.iadd, torch.Tensor.add_, "add_", "__iadd__"})
-
-_WEIGHT_FUNCTIONS = frozenset(
-    {
-        F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d,
-        F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-        F.scaled_dot_product_attention, F.multi_head_attention_forward,
-        torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
-        torch.einsum, torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu,
-        torch._native_multi_head_attention, torch.conv_tbc, torch.addbmm,
-    }
-)  # fmt: skip
-_WEIGHT_METHODS = frozenset(
-    {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm"}
-)
-_SUM_FUNCTIONS = frozenset(
-    {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
-)
-_SUM_METHODS = frozenset(
-    {"add", "add_", "sub", "sub_", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__",
-     "__isub__"}
-)  # fmt: skip
-
-_METADATA_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
-_METADATA_METHODS = frozenset({"size", "dim", "numel", "stride", "is_contiguous", "element_size"})
-
-_NORM_CLASS_NAME = re.compile(r"Norm(\d*d|\d+)?$")  # RmsNorm, LayerNorm2d, GroupNorm1, ...
-_NORM_TYPES = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    nn.RMSNorm,
-)
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,125 +43,7 @@ class ResidualSite:
     weightless: bool = False
 
 
-def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """The two tensor operands of a plain elementwise add node, or None for anything else."""
-    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _ADD_METHODS
-    )
-    if not is_add or "out" in node.kwargs or node.kwargs.get("alpha", 1) != 1:
-        return None
-    operands = list(node.args[:2])
-    if len(operands) == 1 and "other" in node.kwargs:
-        operands.append(node.kwargs["other"])
-    if len(operands) != 2 or len(node.args) > 2:
-        return None
-    a, b = operands
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
-        return None
-    return a, b
-
-
-def is_inplace_add(node: fx.Node) -> bool:
-    """True for ``a.add_(b)`` and ``operator.iadd``, which mutate their first operand."""
-    return node.target in _INPLACE_ADDS
-
-
-def data_derived(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes that depend on a forward argument (not only on parameters and constants)."""
-    derived: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or any(n in derived for n in node.all_input_nodes):
-            derived.add(node)
-    return derived
-
-
-class _GraphFacts:
-    """Per-graph lookups shared by every candidate add: topological index, tensor-ness, modules."""
-
-    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
-        self.nodes = list(graph.nodes)
-        self.index = {node: i for i, node in enumerate(self.nodes)}
-        self.modules = modules
-        self.shapes_known = any("tensor_meta" in n.meta for n in self.nodes)
-        self._tensor: dict[fx.Node, bool] = {}
-        self.data = data_derived(graph)  # nodes computed from a forward argument
-        self.parameters: set[fx.Node] = set()  # parameters and values computed from them alone
-        for node in self.nodes:
-            if node in self.data:
-                continue
-            if (node.op == "get_attr" and not node.meta.get("constant")) or any(
-                n in self.parameters for n in node.all_input_nodes
-            ):
-                self.parameters.add(node)  # ``self.gamma.view(1, -1, 1, 1)`` reads gamma too
-
-    def is_tensor(self, node: fx.Node) -> bool:
-        """Whether ``node`` produces tensor data (not a shape, dtype or other metadata)."""
-        if node not in self._tensor:
-            self._tensor[node] = self._compute_is_tensor(node)
-        return self._tensor[node]
-
-    def _compute_is_tensor(self, node: fx.Node) -> bool:
-        if node.op == "output":
-            return False
-        if self.shapes_known:
-            return "tensor_meta" in node.meta
-        if node.op == "call_method" and node.target in _METADATA_METHODS:
-            return False
-        if node.op == "call_function" and node.target is getattr:
-            return node.args[1] not in _METADATA_ATTRIBUTES
-        inputs = node.all_input_nodes
-        if node.op in ("call_function", "call_method") and inputs:
-            return any(self.is_tensor(n) for n in inputs)
-        return True
-
-    def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
-        return [n for n in node.all_input_nodes if self.is_tensor(n)]
-
-    def data_inputs(self, node: fx.Node) -> list[fx.Node]:
-        """Tensor inputs computed from a forward argument (not parameters or constants)."""
-        return [n for n in node.all_input_nodes if n in self.data and self.is_tensor(n)]
-
-    def is_dead(self, node: fx.Node) -> bool:
-        """A value nothing reads: an unused output such as attention weights or an RNN state."""
-        return not node.users and node.op != "output"
-
-    def is_sum(self, node: fx.Node) -> bool:
-        """An elementwise add or subtraction."""
-        return (node.op == "call_function" and node.target in _SUM_FUNCTIONS) or (
-            node.op == "call_method" and node.target in _SUM_METHODS
-        )
-
-    def is_subtraction(self, node: fx.Node) -> bool:
-        return self.is_sum(node) and "sub" in getattr(node.target, "__name__", str(node.target))
-
-    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
-        meta = node.meta.get("tensor_meta")
-        return tuple(meta.shape) if hasattr(meta, "shape") else None
-
-    def has_parameters(self, node: fx.Node) -> bool:
-        """An op that holds or reads parameters: a module with any, or a function of a get_attr."""
-        if node.op == "call_module":
-            module = self.modules[node.target]
-            return not is_drop_path_module(module) and any(True for _ in module.parameters())
-        return self.is_weight_op(node) or any(n in self.parameters for n in node.all_input_nodes)
-
-    def is_weight_op(self, node: fx.Node) -> bool:
-        """Conv, linear, matmul, attention, or a leaf module holding weights (norms excluded)."""
-        if node.op == "call_module":
-            module = self.modules[node.target]
-            if is_drop_path_module(module) or isinstance(module, _NORM_TYPES):
-                return False
-            if _NORM_CLASS_NAME.search(type(module).__name__):
-                return False
-            return any(True for _ in module.parameters())
-        if node.op == "call_function":
-            return node.target in _WEIGHT_FUNCTIONS
-        if node.op == "call_method":
-            return node.target in _WEIGHT_METHODS
-        return False
-
-
-def _latest_common_ancestor(facts: _GraphFacts, a: fx.Node, b: fx.Node) -> fx.Node | None:
+def _latest_common_ancestor(facts: GraphFacts, a: fx.Node, b: fx.Node) -> fx.Node | None:
     """The latest node (in topological order) that both ``a`` and ``b`` depend on through tensors.
 
     Walks backwards from both operands in decreasing topological order and stops as soon as
@@ -232,7 +72,7 @@ def _latest_common_ancestor(facts: _GraphFacts, a: fx.Node, b: fx.Node) -> fx.No
     return None
 
 
-def _region(facts: _GraphFacts, fork: fx.Node, operand: fx.Node) -> list[fx.Node]:
+def _region(facts: GraphFacts, fork: fx.Node, operand: fx.Node) -> list[fx.Node]:
     """Nodes computed from ``fork`` on the way to ``operand`` (inclusive), in topological order."""
     if operand is fork:
         return []
@@ -253,7 +93,7 @@ def _region(facts: _GraphFacts, fork: fx.Node, operand: fx.Node) -> list[fx.Node
     return region
 
 
-def _is_closed(facts: _GraphFacts, region: list[fx.Node], add: fx.Node) -> bool:
+def _is_closed(facts: GraphFacts, region: list[fx.Node], add: fx.Node) -> bool:
     """No tensor computed inside ``region`` is used outside it (or returned) except by ``add``.
 
     Users that only read metadata (``x.shape``, ``x.size(0)``) and unused values (the
@@ -271,21 +111,7 @@ def _is_closed(facts: _GraphFacts, region: list[fx.Node], add: fx.Node) -> bool:
     )
 
 
-def rejoins_add(node: fx.Node, add: fx.Node) -> bool:
-    """The rest of a branch whose first channels take the add, concatenated back with it:
-    ReXNet's ``cat([x[:, :c] + shortcut, x[:, c:]], dim=1)``."""
-    if not (node.op == "call_method" and node.target == "__getitem__" and len(node.users) == 1):
-        return False
-    (user,) = node.users
-    return user.op == "call_function" and user.target is torch.cat and add in user.all_input_nodes
-
-
-def writes_back(node: fx.Node, add: fx.Node) -> bool:
-    """``x[idx] = add``: Python's write-back of ``x[:, :c] += shortcut`` into the branch."""
-    return node.op == "call_method" and node.target == "__setitem__" and add in node.args[2:]
-
-
-def _subtracts_parallel_paths(facts: _GraphFacts, fork: fx.Node, region: list[fx.Node]) -> bool:
+def _subtracts_parallel_paths(facts: GraphFacts, fork: fx.Node, region: list[fx.Node]) -> bool:
     """The region subtracts two values both computed from ``fork`` (RepMixer's
     ``mixer(x) - norm(x)``); ``f(x) - x`` (EfficientViM's ``x + a * (f(x) - x)``) is not that."""
     members = set(region)
@@ -295,7 +121,7 @@ def _subtracts_parallel_paths(facts: _GraphFacts, fork: fx.Node, region: list[fx
     )
 
 
-def _derived_avoiding(facts: _GraphFacts, fork: fx.Node, value: fx.Node, avoid: fx.Node) -> bool:
+def _derived_avoiding(facts: GraphFacts, fork: fx.Node, value: fx.Node, avoid: fx.Node) -> bool:
     """``value`` is computed from ``fork`` along a path that does not pass through ``avoid``."""
     start = facts.index[fork]
     seen = {value}
@@ -311,7 +137,7 @@ def _derived_avoiding(facts: _GraphFacts, fork: fx.Node, value: fx.Node, avoid: 
     return False
 
 
-def _summed_with_parallel_path(facts: _GraphFacts, fork: fx.Node, add: fx.Node) -> bool:
+def _summed_with_parallel_path(facts: GraphFacts, fork: fx.Node, add: fx.Node) -> bool:
     """The add's result is summed with another value computed from ``fork`` beside it, as in
     MobileOne's ``out = conv_scale(x) + identity_bn(x); out += conv_kxk(x)``."""
     for user in add.users:
@@ -324,7 +150,7 @@ def _summed_with_parallel_path(facts: _GraphFacts, fork: fx.Node, add: fx.Node) 
 
 
 def _chain_depth(
-    facts: _GraphFacts, fork: fx.Node, region: list[fx.Node], counts: Callable[[fx.Node], bool]
+    facts: GraphFacts, fork: fx.Node, region: list[fx.Node], counts: Callable[[fx.Node], bool]
 ) -> int:
     """Length of the longest chain of ``counts`` ops from ``fork`` to the region's last node."""
     depth = {fork: 0}
@@ -359,14 +185,14 @@ def _common_owner(
     return common[-1] if common else ""
 
 
-def _same_shape(facts: _GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> bool:
+def _same_shape(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> bool:
     if not facts.shapes_known:
         return True
     shapes = {facts.shape(add), facts.shape(a), facts.shape(b)}
     return len(shapes) == 1 and None not in shapes
 
 
-def _classify(facts: _GraphFacts, add: fx.Node) -> ResidualSite | None:
+def _classify(facts: GraphFacts, add: fx.Node) -> ResidualSite | None:
     operands = add_operands(add)
     if operands is None or not all(facts.is_tensor(n) for n in operands):
         return None
@@ -411,7 +237,7 @@ def _classify(facts: _GraphFacts, add: fx.Node) -> ResidualSite | None:
         (
             str(n.target)
             for n in branch_region
-            if n.op == "call_module" and is_drop_path_module(facts.modules[n.target])
+            if n.op == "call_module" and is_drop_path_module(facts.module_of(n))
         ),
         None,
     )
@@ -430,9 +256,9 @@ def _classify(facts: _GraphFacts, add: fx.Node) -> ResidualSite | None:
     )
 
 
-def _skipping_site(facts: _GraphFacts, node: fx.Node) -> ResidualSite | None:
+def _skipping_site(facts: GraphFacts, node: fx.Node) -> ResidualSite | None:
     """A call of an injected ``SkippingDropPath``: it computes a residual add itself."""
-    if node.op != "call_module" or not isinstance(facts.modules[node.target], SkippingDropPath):
+    if node.op != "call_module" or not isinstance(facts.module_of(node), SkippingDropPath):
         return None
     skip, fork = node.args[0], node.args[1]
     assert isinstance(skip, fx.Node) and isinstance(fork, fx.Node)
@@ -461,7 +287,7 @@ def find_sites(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[ResidualS
     present to reject broadcasting adds; without them the structural rules alone decide. A
     weightless add nested in another residual's branch (ConvNeXt-V2's GRN) is not a site.
     """
-    facts = _GraphFacts(graph, modules)
+    facts = GraphFacts(graph, modules)
     found = (
         _classify(facts, node) if add_operands(node) is not None else _skipping_site(facts, node)
         for node in facts.nodes

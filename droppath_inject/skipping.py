@@ -22,8 +22,9 @@ from enum import Enum
 
 from torch import fx, nn
 
+from .graph_facts import data_derived, is_inplace_add
 from .layers import Mode, SkippingDropPath
-from .residuals import ResidualSite, data_derived, is_inplace_add
+from .residuals import ResidualSite
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class InjectedBlock(fx.GraphModule):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> InjectedBlock:
         copied = super().__deepcopy__(memo)
+        assert isinstance(copied, InjectedBlock)  # GraphModule copies keep their class
         _adopt(copied, copy.deepcopy(vars(self), memo))
         return copied
 

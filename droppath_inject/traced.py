@@ -93,7 +93,8 @@ def _find_owners(model: nn.Module, inputs: ExampleInputs | None) -> tuple[list[s
         plan.reference, captured = _reference_run(model, inputs, piece_modules)
         for piece in pieces:
             args = captured.get(piece.path)
-            positional = args and positional_arguments(piece_modules[piece.path], args)
+            module = piece_modules[piece.path]
+            positional = None if args is None else positional_arguments(module, args)
             if positional is not None:
                 propagate_shapes(piece.graph_module, positional)
     owners: dict[str, None] = {}
@@ -120,7 +121,7 @@ def _plan_block(
         return Skipped(path, f"not traceable on its own ({type(error).__name__}: {error})")
     if not same:
         return Skipped(path, "its own forward branches on self.training, which tracing freezes")
-    positional = inputs and positional_arguments(module, inputs)
+    positional = positional_arguments(module, inputs) if inputs is not None else None
     if positional is not None:
         propagate_shapes(graph_module, positional)
     sites = [s for s in find_residual_sites(graph_module) if s.owner == ""]

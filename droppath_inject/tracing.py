@@ -28,10 +28,10 @@ def _integration_leaves() -> tuple[tuple[type, ...], tuple[Callable[..., Any], .
     classes: list[type] = []
     functions: list[Callable[..., Any]] = []
     if "timm" in sys.modules:
-        from timm.layers import _fx as timm_fx
+        from timm.layers import get_notrace_functions, get_notrace_modules
 
-        classes += timm_fx.get_notrace_modules()
-        functions += [f for f in timm_fx.get_notrace_functions() if callable(f)]
+        classes += get_notrace_modules()
+        functions += [f for f in get_notrace_functions() if callable(f)]
     if "torchvision" in sys.modules:
         import torchvision.ops
 

@@ -1,0 +1,193 @@
+"""What the ops of a captured or traced graph mean, for the residual rule and its users.
+
+The vocabulary (adds, sums, weight-bearing ops, norms, metadata queries) and ``GraphFacts``,
+the per-graph lookups every candidate add shares: topological order, which nodes are tensors,
+which are computed from the forward's arguments and which from parameters alone.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .droppaths import is_drop_path_module
+from .internals import NATIVE_MULTI_HEAD_ATTENTION, NORM_BASE
+
+_ADD_FUNCTIONS = frozenset(
+    {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
+)
+_ADD_METHODS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
+_INPLACE_ADDS = frozenset({operator.iadd, torch.Tensor.add_, "add_", "__iadd__"})
+
+_WEIGHT_FUNCTIONS = frozenset(
+    {
+        F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d,
+        F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+        F.scaled_dot_product_attention, F.multi_head_attention_forward,
+        torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
+        torch.einsum, torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu,
+        NATIVE_MULTI_HEAD_ATTENTION, torch.conv_tbc, torch.addbmm,
+    }
+)  # fmt: skip
+_WEIGHT_METHODS = frozenset(
+    {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm"}
+)
+_SUM_FUNCTIONS = frozenset(
+    {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
+)
+_SUM_METHODS = frozenset(
+    {"add", "add_", "sub", "sub_", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__",
+     "__isub__"}
+)  # fmt: skip
+
+_METADATA_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "stride", "is_contiguous", "element_size"})
+
+_NORM_CLASS_NAME = re.compile(r"Norm(\d*d|\d+)?$")  # RmsNorm, LayerNorm2d, GroupNorm1, ...
+_NORM_TYPES = (
+    NORM_BASE,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+
+
+def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """The two tensor operands of a plain elementwise add node, or None for anything else."""
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _ADD_METHODS
+    )
+    if not is_add or "out" in node.kwargs or node.kwargs.get("alpha", 1) != 1:
+        return None
+    operands = list(node.args[:2])
+    if len(operands) == 1 and "other" in node.kwargs:
+        operands.append(node.kwargs["other"])
+    if len(operands) != 2 or len(node.args) > 2:
+        return None
+    a, b = operands
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
+        return None
+    return a, b
+
+
+def is_inplace_add(node: fx.Node) -> bool:
+    """True for ``a.add_(b)`` and ``operator.iadd``, which mutate their first operand."""
+    return node.target in _INPLACE_ADDS
+
+
+def data_derived(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes that depend on a forward argument (not only on parameters and constants)."""
+    derived: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(n in derived for n in node.all_input_nodes):
+            derived.add(node)
+    return derived
+
+
+def rejoins_add(node: fx.Node, add: fx.Node) -> bool:
+    """The rest of a branch whose first channels take the add, concatenated back with it:
+    ReXNet's ``cat([x[:, :c] + shortcut, x[:, c:]], dim=1)``."""
+    if not (node.op == "call_method" and node.target == "__getitem__" and len(node.users) == 1):
+        return False
+    (user,) = node.users
+    return user.op == "call_function" and user.target is torch.cat and add in user.all_input_nodes
+
+
+def writes_back(node: fx.Node, add: fx.Node) -> bool:
+    """``x[idx] = add``: Python's write-back of ``x[:, :c] += shortcut`` into the branch."""
+    return node.op == "call_method" and node.target == "__setitem__" and add in node.args[2:]
+
+
+class GraphFacts:
+    """Per-graph lookups shared by every candidate add: topological index, tensor-ness, modules."""
+
+    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
+        self.nodes = list(graph.nodes)
+        self.index = {node: i for i, node in enumerate(self.nodes)}
+        self.modules = modules
+        self.shapes_known = any("tensor_meta" in n.meta for n in self.nodes)
+        self._tensor: dict[fx.Node, bool] = {}
+        self.data = data_derived(graph)  # nodes computed from a forward argument
+        self.parameters: set[fx.Node] = set()  # parameters and values computed from them alone
+        for node in self.nodes:
+            if node in self.data:
+                continue
+            if (node.op == "get_attr" and not node.meta.get("constant")) or any(
+                n in self.parameters for n in node.all_input_nodes
+            ):
+                self.parameters.add(node)  # ``self.gamma.view(1, -1, 1, 1)`` reads gamma too
+
+    def is_tensor(self, node: fx.Node) -> bool:
+        """Whether ``node`` produces tensor data (not a shape, dtype or other metadata)."""
+        if node not in self._tensor:
+            self._tensor[node] = self._compute_is_tensor(node)
+        return self._tensor[node]
+
+    def _compute_is_tensor(self, node: fx.Node) -> bool:
+        if node.op == "output":
+            return False
+        if self.shapes_known:
+            return "tensor_meta" in node.meta
+        if node.op == "call_method" and node.target in _METADATA_METHODS:
+            return False
+        if node.op == "call_function" and node.target is getattr:
+            return node.args[1] not in _METADATA_ATTRIBUTES
+        inputs = node.all_input_nodes
+        if node.op in ("call_function", "call_method") and inputs:
+            return any(self.is_tensor(n) for n in inputs)
+        return True
+
+    def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
+        return [n for n in node.all_input_nodes if self.is_tensor(n)]
+
+    def data_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """Tensor inputs computed from a forward argument (not parameters or constants)."""
+        return [n for n in node.all_input_nodes if n in self.data and self.is_tensor(n)]
+
+    def is_dead(self, node: fx.Node) -> bool:
+        """A value nothing reads: an unused output such as attention weights or an RNN state."""
+        return not node.users and node.op != "output"
+
+    def is_sum(self, node: fx.Node) -> bool:
+        """An elementwise add or subtraction."""
+        return (node.op == "call_function" and node.target in _SUM_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _SUM_METHODS
+        )
+
+    def is_subtraction(self, node: fx.Node) -> bool:
+        return self.is_sum(node) and "sub" in getattr(node.target, "__name__", str(node.target))
+
+    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
+        shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+        return None if shape is None else tuple(shape)
+
+    def module_of(self, node: fx.Node) -> nn.Module:
+        """The module a ``call_module`` node calls."""
+        return self.modules[str(node.target)]
+
+    def has_parameters(self, node: fx.Node) -> bool:
+        """An op that holds or reads parameters: a module with any, or a function of a get_attr."""
+        if node.op == "call_module":
+            module = self.module_of(node)
+            return not is_drop_path_module(module) and any(True for _ in module.parameters())
+        return self.is_weight_op(node) or any(n in self.parameters for n in node.all_input_nodes)
+
+    def is_weight_op(self, node: fx.Node) -> bool:
+        """Conv, linear, matmul, attention, or a leaf module holding weights (norms excluded)."""
+        if node.op == "call_module":
+            module = self.module_of(node)
+            if is_drop_path_module(module) or isinstance(module, _NORM_TYPES):
+                return False
+            if _NORM_CLASS_NAME.search(type(module).__name__):
+                return False
+            return any(True for _ in module.parameters())
+        if node.op == "call_function":
+            return node.target in _WEIGHT_FUNCTIONS
+        if node.op == "call_method":
+            return node.target in _WEIGHT_METHODS
+        return False

@@ -1,0 +1,65 @@
+"""Every private torch internal the package relies on, in one place.
+
+Checked against torch 2.2 through 2.14 (the range ``pyproject.toml`` allows; CI runs 2.14.1).
+Each helper says what it stands in for and what to look at when a torch release breaks it.
+timm is used through its public API only (``timm.layers.get_notrace_modules``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree
+
+#: Base class of BatchNorm1d/2d/3d, InstanceNorm and SyncBatchNorm (no public name for it).
+NORM_BASE: type[nn.Module] = nn.modules.batchnorm._NormBase
+
+#: The fused attention ``nn.MultiheadAttention`` calls in eval; a weight-bearing op.
+NATIVE_MULTI_HEAD_ATTENTION: Callable[..., Any] = torch._native_multi_head_attention
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """The leaves of nested tuples, lists and dicts, as torch itself flattens them.
+
+    ``torch.utils._pytree`` is private but is what ``torch.export`` and ``torch.compile`` use, so
+    it knows every container torch registers (``torch.return_types``, Hugging Face
+    ``ModelOutput`` once transformers registers it).
+    """
+    return _pytree.tree_leaves(tree)
+
+
+def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
+    """``(leaves, spec)``; ``tree_unflatten(leaves, spec)`` rebuilds the tree."""
+    return _pytree.tree_flatten(tree)
+
+
+def tree_unflatten(leaves: list[Any], spec: Any) -> Any:
+    """The tree ``spec`` describes, with ``leaves`` in place of the original ones."""
+    return _pytree.tree_unflatten(leaves, spec)
+
+
+def version_counter(tensor: Tensor) -> int:
+    """``tensor._version``: bumped by every in-place op on the tensor or a view of its storage.
+
+    Not in torch's documented API, but stable since torch 1.x and used by autograd's own checks.
+    """
+    return int(tensor._version)
+
+
+def remove_forward_hooks(module: nn.Module, predicate: Callable[[Any], bool]) -> int:
+    """Remove the forward hooks of ``module`` that ``predicate`` accepts; returns how many.
+
+    A ``RemovableHandle`` is the public way, but handles do not survive pickling or deepcopy of
+    the model, so the hook dicts are edited the way ``RemovableHandle.remove`` does: the hook in
+    ``_forward_hooks`` and its key in ``_forward_hooks_with_kwargs`` and
+    ``_forward_hooks_always_called`` (the latter two since torch 2.0 and 2.1).
+    """
+    keys = [key for key, hook in module._forward_hooks.items() if predicate(hook)]
+    for key in keys:
+        del module._forward_hooks[key]
+        getattr(module, "_forward_hooks_with_kwargs", {}).pop(key, None)
+        getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
+    return len(keys)
