@@ -21,7 +21,7 @@ from torch import Tensor, fx, nn
 
 from droppath_inject import inject_droppath
 from droppath_inject.inputs import ExampleInputs, run_eval
-from droppath_inject.verify import outputs_equal
+from droppath_inject.verify import verify_eval
 
 from .memory import MemoryUse, memory_use
 from .models import ModelSpec, ScalingFamily
@@ -121,7 +121,7 @@ def _inject(model: nn.Module, x: Tensor, settings: Settings, **options: object) 
 
 def _verify(model: nn.Module, inputs: ExampleInputs, reference: object) -> None:
     """What ``inject_droppath(verify=True)`` adds: one eval run and a bitwise comparison."""
-    if not outputs_equal(reference, run_eval(model, inputs)[0]):
+    if not verify_eval(model, inputs, reference).passed:
         raise AssertionError("eval outputs changed after injection")
 
 

@@ -300,7 +300,7 @@ have random weights, built under one seed; every variant of a model shares weigh
    copy: one captured eval run on `x` (which also gives the reference outputs), residual
    analysis of the captured graph, attachment planning, hooks and slots.
    *verification*: what `verify=True` adds: one side-effect-free eval run of the injected model
-   (`droppath_inject.inputs.run_eval`) and the bitwise comparison (`outputs_equal`, i.e.
+   (`droppath_inject.verify.verify_eval`: `run_eval` and the bitwise `outputs_equal`, i.e.
    `torch.equal`) against the reference outputs. *inject_droppath(verify=True)*: the public call
    end to end on another fresh copy; it is close to injection + verification.
 2. **Eval forward.** The original and the injected model in eval mode under `torch.no_grad()`,

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from .api import find_residuals, inject_droppath
 from .control import DropPathScheduler, injected_blocks, remove_droppath, set_drop_rates
 from .errors import DropPathInjectError, DropPathWarning, ExampleInputError, VerificationError
 from .layers import DropPath, drop_path
 from .report import Report, Site, SiteStatus, Skipped
 from .schedule import drop_rates
-
-try:
-    __version__ = version("droppath-inject")
-except PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
+from .version import __version__
 
 __all__ = [
     "DropPath",

@@ -17,17 +17,16 @@ from typing import Any, Literal, overload
 from torch import nn
 
 from .apply import Attacher, scheduled_drop_paths
-from .attach import AttachKind, Attachment
-from .droppaths import drop_path_rate_of
+from .attach import Attachment
 from .errors import DropPathInjectError, DropPathWarning, VerificationError
 from .inputs import ExampleInputs, resolve_inputs, run_eval
 from .layers import DropPath, Mode, check_mode
-from .plan import Plan, make_plan, site_report
-from .report import Report, Site, SiteStatus
-from .schedule import Schedule, drop_rates
+from .plan import Plan, PlannedSite, dry_sites, make_plan, site_report
+from .report import Parameters, Report, Site, SiteStatus
+from .schedule import Schedule, drop_rates, schedule_name
 from .surgery import InjectedBlock
 from .traced import Rewrite, dry_run, inject_traced
-from .verify import Verification, count_elements, outputs_equal
+from .verify import Change, Verification, count_elements, diagnose, outputs_equal
 
 Existing = Literal["rerate", "keep"]
 _EXISTING: tuple[str, ...] = ("rerate", "keep")
@@ -51,14 +50,6 @@ def _garbage_collection_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def _dry_status(plan: Plan, index: int, existing: str) -> tuple[SiteStatus, float | None]:
-    attachment = plan.sites[index].attachment
-    if not isinstance(attachment, Attachment) or attachment.kind is not AttachKind.EXISTING:
-        return SiteStatus.INJECTED, None
-    rate = drop_path_rate_of(plan.run.modules[attachment.module])
-    return (SiteStatus.KEPT if existing == "keep" else SiteStatus.RE_RATED), rate
 
 
 def find_residuals(
@@ -97,20 +88,15 @@ def find_residuals(
     _check_arguments(max_drop, schedule, "row", existing)
     inputs = resolve_inputs(model, example_inputs, required=False)
     if inputs is None:
-        return dry_run(model, max_drop, schedule)
-    with _garbage_collection_paused():
-        plan = make_plan(model, inputs)
-    rates = drop_rates(plan.num_blocks, max_drop, schedule)
-    sites = []
-    for index, planned in enumerate(plan.sites):
-        status, current = _dry_status(plan, index, existing)
-        rate = (
-            current
-            if status is SiteStatus.KEPT and current is not None
-            else rates[planned.block_index]
-        )
-        sites.append(site_report(planned, rate, status, current))
-    return Report(sites, [], plan.num_blocks)
+        report = dry_run(model, max_drop, schedule)
+    else:
+        with _garbage_collection_paused():
+            plan = make_plan(model, inputs)
+        rates = drop_rates(plan.num_blocks, max_drop, schedule)
+        sites = dry_sites(plan, rates, keep_existing=existing == "keep")
+        report = Report(sites, [], plan.num_blocks)
+    report.parameters = Parameters(max_drop, schedule_name(schedule), "row", existing)
+    return report
 
 
 @overload
@@ -208,6 +194,9 @@ def inject_droppath(
             report = inject_traced(model, max_drop, schedule, example_inputs, verify, rewrite)
         else:
             report = _inject(model, max_drop, schedule, mode, example_inputs, verify, existing)
+    report.parameters = Parameters(
+        max_drop, schedule_name(schedule), mode, existing, skip_compute, gather_batch_norm
+    )
     _warn_if_little_happened(model, report)
     return (model, report) if return_report else model
 
@@ -275,71 +264,41 @@ def _verify(
     a plain run of the unchanged model before it counts.
     """
     outputs, _ = run_eval(model, inputs)
-    elements = count_elements(outputs)
+    verified = Verification(True, count_elements(outputs), inputs.describe())
     if outputs_equal(plan.run.outputs, outputs):
-        return Verification(True, elements, inputs.describe())
+        return verified
     attacher.undo()
     plain, _ = run_eval(model, inputs)
-    if outputs_equal(plain, outputs):
+    if outputs_equal(plain, outputs):  # the fast path differed, not the DropPaths
         _attach_all(plan, rates, attacher)
-        return Verification(True, elements, inputs.describe())
-    if not outputs_equal(plain, run_eval(model, inputs)[0]):
-        raise VerificationError(
-            f"{type(model).__name__} gives different eval outputs on two runs of the same input, "
-            "so bit-identity cannot be checked; the model was restored. Make its eval forward "
-            "deterministic, or pass verify=False"
-        )
-    culprit = _first_broken_site(model, plan, rates, attacher, inputs, plain)
-    raise VerificationError(
-        f"eval outputs changed after attaching a DropPath to {culprit}; the model was restored. "
-        "Please report this model; inject_droppath(..., verify=False) skips the check"
+        return verified
+    changes = [_attaching(planned, plan, rates, attacher) for planned in plan.sites]
+    reason = diagnose(
+        model, inputs, plain, [c for c in changes if c], "attaching every DropPath together"
     )
+    raise VerificationError(reason)
 
 
-def _first_broken_site(
-    model: nn.Module,
-    plan: Plan,
-    rates: list[float],
-    attacher: Attacher,
-    inputs: ExampleInputs,
-    reference: Any,
-) -> str:
-    for planned in plan.sites:
-        if not isinstance(planned.attachment, Attachment):
-            continue
-        place = (planned.block_index, plan.num_blocks)
-        attacher.attach(planned.attachment, rates[planned.block_index], place)
-        broken = not outputs_equal(reference, run_eval(model, inputs)[0])
-        attacher.undo()
-        if broken:
-            return planned.attachment.module or "the model"
-    return "the combination of all sites"
+def _attaching(
+    planned: PlannedSite, plan: Plan, rates: list[float], attacher: Attacher
+) -> Change | None:
+    """Attaching one site's DropPath alone, as a change ``diagnose`` can try."""
+    attachment = planned.attachment
+    if not isinstance(attachment, Attachment):
+        return None
+    place = (planned.block_index, plan.num_blocks)
+    rate = rates[planned.block_index]
+
+    def attach() -> None:
+        attacher.attach(attachment, rate, place)
+
+    return Change(
+        f"attaching a DropPath to {attachment.module or 'the model'}", attach, attacher.undo
+    )
 
 
 def _warn_if_little_happened(model: nn.Module, report: Report) -> None:
     """Say so when nothing was found, or some sites or modules got no DropPath."""
-    name = type(model).__name__
-    if not report.sites:
-        untouched = "; ".join(f"{s.module or '<model>'}: {s.reason}" for s in report.skipped[:3])
-        warnings.warn(
-            f"no residual site found in {name}: nothing was injected"
-            + (f" ({untouched})" if untouched else ""),
-            DropPathWarning,
-            stacklevel=3,
-        )
-        return
-    missed = [s for s in report.sites if s.status is SiteStatus.SKIPPED]
-    if missed or report.skipped:
-        parts = []
-        if missed:
-            parts.append(f"{len(missed)} of {len(report.sites)} residual sites of {name} got no "
-                         f"DropPath ({missed[0].branch}: {missed[0].detail})")  # fmt: skip
-        if report.skipped:
-            first = report.skipped[0]
-            parts.append(f"{len(report.skipped)} modules of {name} were left untouched "
-                         f"({first.module or '<model>'}: {first.reason})")  # fmt: skip
-        warnings.warn(
-            "; ".join(parts),
-            DropPathWarning,
-            stacklevel=3,
-        )
+    shortfall = report.shortfall(type(model).__name__)
+    if shortfall is not None:
+        warnings.warn(shortfall, DropPathWarning, stacklevel=3)

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from .attach import Attachment, NoAttachment, plan_attachments
+from .attach import AttachKind, Attachment, NoAttachment, plan_attachments
 from .blocks import block_key, group_blocks
 from .capture import CapturedRun, capture
+from .droppaths import drop_path_rate_of
 from .errors import ExampleInputError
 from .inputs import ExampleInputs, side_effect_free_eval
 from .report import Site, SiteStatus
@@ -109,3 +110,18 @@ def site_report(
         site.owner, planned.block_index, branch, skip, rate, status,
         attachment.module, attachment.kind.value, previous_rate,
     )  # fmt: skip
+
+
+def dry_sites(plan: Plan, rates: list[float], keep_existing: bool) -> list[Site]:
+    """The report lines ``inject_droppath`` would give: existing drop paths re-rated or kept."""
+    sites = []
+    for planned in plan.sites:
+        attachment = planned.attachment
+        status, current, rate = SiteStatus.INJECTED, None, rates[planned.block_index]
+        if isinstance(attachment, Attachment) and attachment.kind is AttachKind.EXISTING:
+            current = drop_path_rate_of(plan.run.modules[attachment.module])
+            status = SiteStatus.KEPT if keep_existing else SiteStatus.RE_RATED
+            if keep_existing and current is not None:
+                rate = current
+        sites.append(site_report(planned, rate, status, current))
+    return sites

@@ -8,6 +8,7 @@ from typing import Any
 
 from .skipping import SkipPlan
 from .verify import Verification
+from .version import __version__
 
 
 class SiteStatus(Enum):
@@ -74,6 +75,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Parameters:
+    """The arguments an injection (or dry run) was made with, as plain values.
+
+    ``schedule`` is the schedule's name, or the qualified name of a callable schedule.
+    """
+
+    max_drop: float
+    schedule: str
+    mode: str
+    existing: str
+    skip_compute: bool = False
+    gather_batch_norm: bool = False
+
+
 @dataclass
 class Report:
     """The result of ``find_residuals`` or ``inject_droppath``; ``str()`` renders it as a table."""
@@ -82,6 +98,7 @@ class Report:
     skipped: list[Skipped] = field(default_factory=list)
     num_blocks: int = 0
     verification: Verification | None = None
+    parameters: Parameters | None = None
 
     @property
     def injected(self) -> list[Site]:
@@ -89,9 +106,30 @@ class Report:
         return [s for s in self.sites if s.status in (SiteStatus.INJECTED, SiteStatus.RE_RATED)]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON (enums as their values)."""
-        data: dict[str, Any] = _plain(asdict(self))
+        """Plain data for JSON (enums as their values), with the package version.
+
+        The keys are stable: ``version``, ``parameters``, ``num_blocks``, ``sites``, ``skipped``
+        and ``verification``, each site with the fields of ``Site``.
+        """
+        data: dict[str, Any] = {"version": __version__, **_plain(asdict(self))}
         return data
+
+    def shortfall(self, model_name: str) -> str | None:
+        """A warning when nothing was found, or some sites or modules got no DropPath."""
+        if not self.sites:
+            untouched = "; ".join(f"{s.module or '<model>'}: {s.reason}" for s in self.skipped[:3])
+            found = f" ({untouched})" if untouched else ""
+            return f"no residual site found in {model_name}: nothing was injected{found}"
+        parts = []
+        missed = [s for s in self.sites if s.status is SiteStatus.SKIPPED]
+        if missed:
+            parts.append(f"{len(missed)} of {len(self.sites)} residual sites of {model_name} got "
+                         f"no DropPath ({missed[0].branch}: {missed[0].detail})")  # fmt: skip
+        if self.skipped:
+            first = self.skipped[0]
+            parts.append(f"{len(self.skipped)} modules of {model_name} were left untouched "
+                         f"({first.module or '<model>'}: {first.reason})")  # fmt: skip
+        return "; ".join(parts) or None
 
     def table(self) -> str:
         """A readable, fixed-width rendering."""

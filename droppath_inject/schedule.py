@@ -46,6 +46,13 @@ def _resolve(schedule: Schedule) -> Callable[[int, int, float], float]:
     return schedule
 
 
+def schedule_name(schedule: Schedule) -> str:
+    """A schedule's name, or the qualified name of a callable one (for reports)."""
+    if isinstance(schedule, str):
+        return schedule
+    return str(getattr(schedule, "__qualname__", None) or repr(schedule))
+
+
 def _check_rate(name: str, value: float) -> float:
     """`value` as a float, or ValueError naming it when it is not a number in [0, 1]."""
     try:

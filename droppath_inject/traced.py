@@ -34,7 +34,7 @@ from .tracing import (
     trace_in_both_modes,
     trace_pieces,
 )
-from .verify import Verification, count_elements, outputs_equal
+from .verify import Change, diagnose, verify_eval
 
 _ROOT_OWNED = (
     "holds a residual add in its own forward; the model object itself is never replaced "
@@ -246,38 +246,14 @@ def dry_run(model: nn.Module, max_drop: float, schedule: Schedule) -> Report:
     return Report(_site_reports(plan, rates), plan.skipped, len(plan.blocks))
 
 
-def _verification_failure(
-    model: nn.Module, plan: _Plan, rates: list[float], rewrite: Rewrite, inputs: ExampleInputs
-) -> str:
-    """Why verification failed, for the error: a broken block, or an irreproducible model."""
-    if not outputs_equal(plan.reference, run_eval(model, inputs)[0]):
-        return (
-            f"{type(model).__name__} gives different eval outputs on two runs of the same input, "
-            "so bit-identity cannot be checked; the model was restored. Make its eval forward "
-            "deterministic, or pass verify=False"
-        )
-    culprit = _first_broken_block(model, plan, rates, rewrite, inputs)
-    return (
-        f"eval outputs changed after rewriting {culprit}; the model was restored. "
-        "Please report this model; inject_droppath(..., verify=False) skips the check"
+def _rewriting(model: nn.Module, block: _Block, rate: float, rewrite: Rewrite) -> Change:
+    """Rewriting one block alone, as a change ``diagnose`` can try."""
+    surgery = Surgery(model)
+    return Change(
+        f"rewriting {block.path}",
+        lambda: _apply(_Plan([block], []), [rate], rewrite, surgery),
+        surgery.undo,
     )
-
-
-def _first_broken_block(
-    model: nn.Module, plan: _Plan, rates: list[float], rewrite: Rewrite, inputs: ExampleInputs
-) -> str:
-    """The first block whose rewrite alone changes the eval outputs (for the error message)."""
-    for index, block in enumerate(plan.blocks):
-        single = _Plan([block], [])
-        surgery = Surgery(model)
-        try:
-            _apply(single, [rates[index]], rewrite, surgery)
-            broken = not outputs_equal(plan.reference, run_eval(model, inputs)[0])
-        finally:
-            surgery.undo()
-        if broken:
-            return block.path
-    return "the combination of all blocks"
 
 
 def inject_traced(
@@ -298,12 +274,15 @@ def inject_traced(
     try:
         _apply(plan, rates, rewrite, surgery)
         if inputs is not None and verify:
-            outputs, _ = run_eval(model, inputs)
-            passed = outputs_equal(plan.reference, outputs)
-            report.verification = Verification(passed, count_elements(outputs), inputs.describe())
-            if not passed:
+            report.verification = verify_eval(model, inputs, plan.reference)
+            if not report.verification.passed:
                 surgery.undo()
-                raise VerificationError(_verification_failure(model, plan, rates, rewrite, inputs))
+                changes = [
+                    _rewriting(model, block, rate, rewrite)
+                    for block, rate in zip(plan.blocks, rates, strict=True)
+                ]
+                reason = diagnose(model, inputs, plan.reference, changes, "rewriting every block")
+                raise VerificationError(reason)
     except BaseException:
         surgery.undo()
         raise

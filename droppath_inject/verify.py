@@ -1,13 +1,19 @@
-"""Bitwise comparison of model outputs: tensors, and tuples, lists and dicts of them."""
+"""Verification: eval outputs compared bitwise, and which change broke them when they differ.
+
+One place for the library (``api``, ``traced``), the CLI's re-verification of a written model
+and the benchmarks: ``verify_eval`` runs and compares, ``diagnose`` names the culprit.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .inputs import ExampleInputs, run_eval
 
 
 @dataclass(frozen=True)
@@ -64,3 +70,55 @@ def count_elements(outputs: Any) -> int:
     if hasattr(outputs, "__dict__") and not isinstance(outputs, type):
         return count_elements(vars(outputs))
     return 0
+
+
+def verify_eval(model: nn.Module, inputs: ExampleInputs, reference: Any) -> Verification:
+    """Run ``model`` in eval mode on ``inputs`` and compare its outputs with ``reference``."""
+    outputs, _ = run_eval(model, inputs)
+    passed = outputs_equal(reference, outputs)
+    return Verification(passed, count_elements(outputs), inputs.describe())
+
+
+@dataclass(frozen=True)
+class Change:
+    """One undoable part of an injection, tried alone when looking for what broke the outputs."""
+
+    name: str
+    apply: Callable[[], None]
+    undo: Callable[[], None]
+
+
+def diagnose(
+    model: nn.Module,
+    inputs: ExampleInputs,
+    reference: Any,
+    changes: Iterable[Change],
+    all_changes: str,
+) -> str:
+    """Why eval outputs of the (restored) ``model`` changed, as the end of an error message.
+
+    ``reference`` holds the outputs of the unchanged model. Either the model is not
+    reproducible (a second run differs), or the first change that alone changes the outputs
+    is named (``all_changes`` when none does alone).
+    """
+    name = type(model).__name__
+    if not verify_eval(model, inputs, reference).passed:
+        return (
+            f"{name} gives different eval outputs on two runs of the same input, so bit-identity "
+            "cannot be checked; the model was restored. Make its eval forward deterministic, or "
+            "pass verify=False"
+        )
+    culprit = all_changes
+    for change in changes:
+        change.apply()
+        try:
+            broken = not verify_eval(model, inputs, reference).passed
+        finally:
+            change.undo()
+        if broken:
+            culprit = change.name
+            break
+    return (
+        f"eval outputs changed after {culprit}; the model was restored. Please report this "
+        "model; inject_droppath(..., verify=False) skips the check"
+    )

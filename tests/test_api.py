@@ -10,6 +10,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+import droppath_inject
 from droppath_inject import (
     DropPathInjectError,
     ExampleInputError,
@@ -102,6 +103,25 @@ def test_report_renders_sites_and_serialises() -> None:
     data = json.loads(json.dumps(report.to_dict()))
     assert [s["rate"] for s in data["sites"]] == pytest.approx([0.0, 0.1, 0.2])
     assert data["verification"]["passed"] is True
+    assert data["version"] == droppath_inject.__version__
+    assert data["parameters"] == {
+        "max_drop": 0.2,
+        "schedule": "linear",
+        "mode": "row",
+        "existing": "rerate",
+        "skip_compute": False,
+        "gather_batch_norm": False,
+    }
+
+
+def test_report_names_a_callable_schedule_and_the_dry_run_arguments() -> None:
+    def halves(index: int, num_blocks: int, max_drop: float) -> float:
+        return max_drop / 2
+
+    report = find_residuals(_Net(), torch.randn(2, 3, 8, 8), max_drop=0.4, schedule=halves)
+    parameters = report.to_dict()["parameters"]
+    assert parameters["schedule"].endswith("halves") and parameters["max_drop"] == 0.4
+    assert [s.rate for s in report.sites] == pytest.approx([0.2, 0.2, 0.2])
 
 
 def test_find_residuals_is_a_dry_run() -> None:
@@ -134,3 +154,28 @@ def test_negative_zero_max_drop_reads_as_zero() -> None:
     assert "-0.0" not in report.table()
     rates = [site["rate"] for site in json.loads(json.dumps(report.to_dict()))["sites"]]
     assert rates == [0.0] * 3 and all(math.copysign(1.0, r) == 1.0 for r in rates)
+
+
+class _SumOfChildren(nn.Module):
+    """Adds every child's output to its input: a DropPath registered here changes the sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for child in self.children():
+            out = out + child(x)
+        return out
+
+
+def test_failed_verification_names_the_first_breaking_attachment_and_restores() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), _SumOfChildren(), _SumOfChildren())
+    modules_before = [name for name, _ in model.named_modules()]
+    x = torch.randn(2, 4)
+    expected = model.eval()(x)
+    with pytest.raises(VerificationError, match=r"after attaching a DropPath to 1\.fc;.*restored"):
+        inject_droppath(model, 0.2, example_inputs=x)
+    assert [name for name, _ in model.named_modules()] == modules_before
+    assert torch.equal(model(x), expected)
