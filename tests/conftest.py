@@ -18,3 +18,11 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """Compiled code and recompile counters of one test do not leak into the next."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -13,10 +13,10 @@ import json
 import sys
 from typing import Any
 
-import synthetic_models as sm
 import torch
 import torch.distributed as dist
 from ddp_worker import join_gloo
+from helpers import synthetic_models as sm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 

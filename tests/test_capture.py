@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import einops
 import pytest
-import synthetic_models as sm
 import torch
 import torch.nn.functional as F
-from injection_checks import MAX_DROP, check_injection, linear_rate, seeded, tokens
+from helpers import synthetic_models as sm
+from helpers.injection_checks import MAX_DROP, check_injection, linear_rate, seeded, tokens
 from torch import Tensor, nn
 
 from droppath_inject import DropPath, DropPathWarning, SiteStatus, find_residuals, inject_droppath

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from small_models import NUM_CLASSES, build_resnet18, build_vit_tiny
+from helpers.small_models import NUM_CLASSES, build_resnet18, build_vit_tiny
 from torch import Tensor, fx, nn
 from torch.nn import functional as F
 from torchvision.models.resnet import BasicBlock

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from small_models import BUILDERS, NUM_CLASSES
+from helpers.small_models import BUILDERS, NUM_CLASSES
 from torch import Tensor, nn
 from torch.nn import functional as F
 

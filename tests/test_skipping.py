@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
-import synthetic_models as sm
 import torch
+from helpers import synthetic_models as sm
 from torch import Tensor, nn
 
 from droppath_inject import (

@@ -13,11 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import synthetic_models as sm
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from injection_checks import (
+from helpers import synthetic_models as sm
+from helpers.injection_checks import (
     MAX_DROP,
     Wrap,
     assert_report,
@@ -38,6 +36,8 @@ from injection_checks import (
     train_step,
     vectors,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import droppath_inject.apply

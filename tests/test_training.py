@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from small_models import BUILDERS, NUM_CLASSES
+from helpers.small_models import BUILDERS, NUM_CLASSES
 from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.nn import functional as F
@@ -27,14 +27,6 @@ SIGMAS = 5.0  # statistical checks fail a correct implementation with probabilit
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture
-def fresh_dynamo() -> Iterator[None]:
-    """Compiled code and recompile counters of one test do not leak into the next."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def images(batch: int = BATCH, seed: int = 1) -> Tensor:

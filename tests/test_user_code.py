@@ -13,9 +13,9 @@ import copy
 from typing import Any
 
 import pytest
-import synthetic_models as sm
 import torch
-from injection_checks import assert_same_outputs, assert_same_training, seeded, tokens
+from helpers import synthetic_models as sm
+from helpers.injection_checks import assert_same_outputs, assert_same_training, seeded, tokens
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import BasicBlock

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import synthetic_models as sm
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from droppath_inject import DropPath, Report, find_residuals, inject_droppath
+from helpers import synthetic_models as sm
 
 MAX_DROP = 0.2
 

@@ -1,0 +1,1 @@
+"""Models, inputs and checks shared by the tests (not tests themselves)."""
