@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .api import find_residuals, inject_droppath
+from .attach import AttachKind
 from .control import DropPathScheduler, injected_blocks, remove_droppath, set_drop_rates
 from .errors import DropPathInjectError, DropPathWarning, ExampleInputError, VerificationError
 from .layers import DropPath, drop_path
@@ -11,6 +12,7 @@ from .schedule import drop_rates
 from .version import __version__
 
 __all__ = [
+    "AttachKind",
     "DropPath",
     "DropPathScheduler",
     "DropPathInjectError",

@@ -1,8 +1,8 @@
 """Exceptions raised by droppath_inject.
 
-Every error the package raises on purpose derives from `DropPathInjectError`, so callers (and
+Every error the package raises on purpose derives from ``DropPathInjectError``, so callers (and
 the command line) can catch the package's own failures without swallowing unrelated bugs.
-Invalid arguments keep Python's conventions and raise `ValueError` or `TypeError`.
+Invalid arguments keep Python's conventions and raise ``ValueError`` or ``TypeError``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """DropPath (stochastic depth) and its functional form.
 
-In training, a residual branch `F(x)` in `x + F(x)` is zeroed with probability `drop_prob`,
-so the block degrades to the identity, and kept branches are scaled by `1 / (1 - drop_prob)`
-so the expected output is unchanged. `mode="row"` decides per sample (timm, torchvision "row");
-`mode="batch"` decides once for the whole batch (Huang et al. 2016, torchvision "batch").
+In training, a residual branch ``F(x)`` in ``x + F(x)`` is zeroed with probability ``drop_prob``,
+so the block degrades to the identity, and kept branches are scaled by ``1 / (1 - drop_prob)``
+so the expected output is unchanged. ``mode="row"`` decides per sample (timm, torchvision "row");
+``mode="batch"`` decides once for the whole batch (Huang et al. 2016, torchvision "batch").
 """
 
 from __future__ import annotations
@@ -19,19 +19,19 @@ MODES: tuple[str, ...] = ("row", "batch")
 
 
 def _check_drop_prob(drop_prob: float) -> None:
-    """Raise ValueError unless `drop_prob` lies in [0, 1]; NaN fails the comparison too."""
+    """Raise ValueError unless ``drop_prob`` lies in [0, 1]; NaN fails the comparison too."""
     if not 0.0 <= drop_prob <= 1.0:
         raise ValueError(f"drop_prob must lie in [0, 1], got {drop_prob!r}")
 
 
 def check_mode(mode: str) -> None:
-    """Raise ValueError unless `mode` is one of MODES."""
+    """Raise ValueError unless ``mode`` is one of MODES."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 def _mask_shape(x: Tensor, mode: str) -> tuple[int, ...]:
-    """Shape of the keep mask: `(B, 1, ..., 1)` per sample, or all ones for the whole batch."""
+    """Shape of the keep mask: ``(B, 1, ..., 1)`` per sample, or all ones for the whole batch."""
     if x.ndim == 0:
         raise ValueError("drop_path needs an input with a batch dimension, got a 0-d tensor")
     if mode == "row":
@@ -46,18 +46,37 @@ def drop_path(
     mode: Mode = "row",
     scale_by_keep: bool = True,
 ) -> Tensor:
-    """Zero `x` per sample (or per batch) with probability `drop_prob` while training.
+    """Zero ``x`` per sample (or per batch) with probability ``drop_prob`` while training.
 
-    Returns `x` itself in eval mode or at rate 0. At rate 1 returns exact zeros that stay
-    connected to autograd with zero gradient (even where `x` holds inf or NaN), so distributed
-    training never sees an unused parameter.
+    Args:
+        x: the residual branch's output, batch first.
+        drop_prob: the probability of dropping, in [0, 1].
+        training: whether to drop at all (pass the module's ``self.training``).
+        mode: ``"row"``, one decision per sample, or ``"batch"``, one for the whole batch.
+        scale_by_keep: scale kept values by ``1 / (1 - drop_prob)``.
+
+    Returns:
+        ``x`` itself in eval mode or at rate 0. At rate 1, exact zeros that stay connected to
+        autograd with zero gradient (even where ``x`` holds inf or NaN), so distributed training
+        never sees an unused parameter.
+
+    Raises:
+        ValueError: ``drop_prob`` outside [0, 1], an unknown ``mode``, or a 0-d ``x``.
+
+    Example:
+        >>> x = torch.ones(4, 3)
+        >>> drop_path(x, 0.5, training=False) is x
+        True
+        >>> out = drop_path(x, 0.5, training=True)
+        >>> {float(v) for v in out.flatten()} <= {0.0, 2.0}  # each row dropped, or kept x2
+        True
     """
     _check_drop_prob(drop_prob)
     check_mode(mode)
     if not training or drop_prob == 0.0:
         return x
     shape = _mask_shape(x, mode)
-    if drop_prob == 1.0:  # `where`, not `x * 0`: no NaN from inf, and the layout survives
+    if drop_prob == 1.0:  # ``where``, not ``x * 0``: no NaN from inf, and the layout survives
         return torch.where(x.new_ones(shape, dtype=torch.bool), 0.0, x)
     return x * keep_mask(shape, drop_prob, scale_by_keep, x.dtype, x.device)
 
@@ -69,9 +88,9 @@ def keep_mask(
     dtype: torch.dtype,
     device: torch.device,
 ) -> Tensor:
-    """Random keep mask: 1 (or `1 / keep_prob` when scaling) with probability `1 - drop_prob`."""
+    """Random keep mask: 1 (or ``1 / keep_prob``, scaling) with probability ``1 - drop_prob``."""
     keep_prob = 1.0 - drop_prob
-    # `rand < keep_prob`, not `bernoulli_(keep_prob)`: torch.compile keeps a changed rate as a
+    # ``rand < keep_prob``, not ``bernoulli_(keep_prob)``: torch.compile keeps a changed rate as a
     # symbolic input of these ops, where bernoulli_ would bake it in and recompile on every change
     uniform = torch.rand(shape, dtype=torch.promote_types(dtype, torch.float32), device=device)
     mask = (uniform < keep_prob).to(dtype)
@@ -81,10 +100,26 @@ def keep_mask(
 
 
 class DropPath(nn.Module):
-    """Stochastic depth on a residual branch: `x + DropPath(p)(F(x))`.
+    """Stochastic depth on a residual branch: ``x + DropPath(p)(F(x))``.
 
-    `drop_prob` and `mode` are plain attributes, so a schedule may change them between steps;
-    they are checked again on every call.
+    ``drop_prob`` and ``mode`` are plain attributes, so a schedule may change them between steps;
+    they are checked again on every call. No parameters or buffers: ``state_dict()`` is empty.
+
+    Args:
+        drop_prob: the probability of dropping the branch, in [0, 1].
+        mode: ``"row"`` (per sample, timm's) or ``"batch"`` (one decision for the batch).
+        scale_by_keep: scale kept branches by ``1 / (1 - drop_prob)``.
+
+    Raises:
+        ValueError: ``drop_prob`` outside [0, 1], or an unknown ``mode``.
+
+    Example:
+        >>> drop = DropPath(0.2)
+        >>> drop
+        DropPath(drop_prob=0.2, mode='row')
+        >>> x = torch.randn(8, 16)
+        >>> torch.equal(drop.eval()(x), x)
+        True
     """
 
     def __init__(

@@ -108,7 +108,7 @@ def site_report(
         )  # fmt: skip
     return Site(
         site.owner, planned.block_index, branch, skip, rate, status,
-        attachment.module, attachment.kind.value, previous_rate,
+        attachment.module, attachment.kind, previous_rate,
     )  # fmt: skip
 
 

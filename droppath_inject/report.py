@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from .attach import AttachKind
 from .skipping import SkipPlan
 from .verify import Verification
 from .version import __version__
@@ -37,7 +38,7 @@ class Site:
     rate: float
     status: SiteStatus
     attached_to: str = ""
-    how: str = ""
+    how: AttachKind | None = None
     previous_rate: float | None = None
     detail: str = ""
     skip_compute: SkipPlan | None = None
@@ -48,8 +49,9 @@ class Site:
             text = f"re-rated {self.previous_rate:.2f} -> {self.rate:.2f}"
         else:
             text = self.status.value
-        if self.how:
-            text += f" ({self.how} {self.attached_to})" if self.attached_to else f" ({self.how})"
+        if self.how is not None:
+            how = self.how.value
+            text += f" ({how} {self.attached_to})" if self.attached_to else f" ({how})"
         if self.skip_compute is not None:
             text += f", {self.skip_compute.describe()}"
         return f"{text}: {self.detail}" if self.detail else text

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from .attach import AttachKind
 from .droppaths import drop_path_rate_of
 from .errors import ExampleInputError, VerificationError
 from .inputs import (
@@ -168,14 +169,14 @@ def _site_reports(plan: _Plan, rates: list[float], rewrite: Rewrite | None = Non
             existing = block.drop_path_at(site)
             attached, previous, skipping = "", None, None
             if existing is None:
-                status, site_rate, how = SiteStatus.INJECTED, rate, "rewritten block"
+                status, site_rate, how = SiteStatus.INJECTED, rate, AttachKind.REWRITTEN
                 if skip_mode:
                     skipping = describe_plan(cuts[site], skip_mode, gather)
             elif isinstance(existing, DropPath):
-                status, site_rate, how = SiteStatus.RE_RATED, rate, "rewritten block"
+                status, site_rate, how = SiteStatus.RE_RATED, rate, AttachKind.REWRITTEN
                 previous = existing.drop_prob
             else:
-                status, how = SiteStatus.KEPT, "existing drop path"
+                status, how = SiteStatus.KEPT, AttachKind.EXISTING
                 attached = _join(block.path, str(site.existing_drop_path))
                 site_rate = drop_path_rate_of(existing) or 0.0
             skip = "identity" if site.skip is site.fork else _describe(site.skip, block.path)

@@ -139,7 +139,7 @@ def _unslotted(model: nn.Module, attached: list[Site]) -> str:
     hooked = Counter(
         type(model.get_submodule(s.owner)).__name__
         for s in attached
-        if s.how == AttachKind.FORWARD_HOOK.value
+        if s.how is AttachKind.FORWARD_HOOK
     )
     if not hooked:
         return ""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from droppath_inject import DropPath, SiteStatus, inject_droppath
+from droppath_inject import AttachKind, DropPath, SiteStatus, inject_droppath
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -203,8 +203,8 @@ def test_placement_equals_hugging_face_drop_paths(name: str) -> None:
     assert not library_drop_paths(plain)
     _, report = inject_droppath(plain, MAX_DROP, example_inputs=case.inputs(), return_report=True)
     extra = HOOKED_BESIDE_THE_LIBRARY.get(name)
-    slots = {s.attached_to for s in report.sites if s.how == "drop-path slot"}
-    hooked = {s.attached_to for s in report.sites if s.how == "forward hook"}
+    slots = {s.attached_to for s in report.sites if s.how is AttachKind.SLOT}
+    hooked = {s.attached_to for s in report.sites if s.how is AttachKind.FORWARD_HOOK}
     assert slots == truth
     assert all(path.endswith(f".{extra}") for path in hooked) and bool(hooked) == bool(extra)
 
