@@ -94,7 +94,21 @@ class Parameters:
 
 @dataclass
 class Report:
-    """The result of ``find_residuals`` or ``inject_droppath``; ``str()`` renders it as a table."""
+    """The result of ``find_residuals`` or ``inject_droppath``; ``str()`` renders it as a table.
+
+    ``sites`` are the residual adds in execution order, ``skipped`` the modules left untouched,
+    ``num_blocks`` how many blocks the schedule spans, ``verification`` the bitwise check
+    (None in a dry run or with ``verify=False``), ``parameters`` the call's arguments.
+
+    Example:
+        >>> import torchvision
+        >>> from droppath_inject import find_residuals
+        >>> report = find_residuals(torchvision.models.resnet18(), max_drop=0.1)
+        >>> report.sites[-1].status, round(report.sites[-1].rate, 2), report.sites[-1].branch
+        (<SiteStatus.INJECTED: 'injected'>, 0.1, 'layer4.1.bn2')
+        >>> sorted(report.to_dict())
+        ['num_blocks', 'parameters', 'sites', 'skipped', 'verification', 'version']
+    """
 
     sites: list[Site] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
