@@ -60,6 +60,14 @@ class BranchHook:
         return tree_unflatten(leaves, spec)
 
 
+def _set_placement(module: nn.Module, placement: Placement | None) -> None:
+    """Set (or, given None, delete) ``module.droppath_place``, a plain attribute."""
+    if placement is None:
+        delattr(module, PLACE_ATTRIBUTE)
+    else:
+        setattr(module, PLACE_ATTRIBUTE, placement)
+
+
 def placement_of(module: nn.Module) -> Placement | None:
     place = getattr(module, PLACE_ATTRIBUTE, None)
     return place if isinstance(place, Placement) else None
@@ -103,10 +111,10 @@ class Attacher:
             outcome = self._existing(attachment.module, rate, place)
         else:
             drop = DropPath(rate, self.mode)
-            vars(drop)[PLACE_ATTRIBUTE] = Placement(*place, attachment.kind)
+            _set_placement(drop, Placement(*place, attachment.kind))
             if attachment.kind is AttachKind.SLOT:
                 slot = self.model.get_submodule(attachment.module)
-                vars(drop)[PLACE_ATTRIBUTE] = Placement(*place, attachment.kind, slot=slot)
+                _set_placement(drop, Placement(*place, attachment.kind, slot=slot))
                 self._replace(attachment.module, drop)
             else:
                 self._hook(attachment, drop)
@@ -155,14 +163,11 @@ class Attacher:
             placement = Placement(*place, AttachKind.EXISTING, original)
             mode_before = None
         set_drop_path_rate(module, rate)
-        vars(module)[PLACE_ATTRIBUTE] = placement
+        _set_placement(module, placement)
 
         def undo() -> None:
             set_drop_path_rate(module, previous)
-            if earlier is None:
-                del vars(module)[PLACE_ATTRIBUTE]
-            else:
-                vars(module)[PLACE_ATTRIBUTE] = earlier
+            _set_placement(module, earlier)
             if mode_before is not None and isinstance(module, DropPath):
                 module.mode = mode_before
 
@@ -204,6 +209,6 @@ def detach(model: nn.Module) -> int:
         else:
             if place.original_rate is not None:
                 set_drop_path_rate(module, place.original_rate)
-            del vars(module)[PLACE_ATTRIBUTE]
+            _set_placement(module, None)
         count += 1
     return count

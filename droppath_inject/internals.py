@@ -49,6 +49,30 @@ def version_counter(tensor: Tensor) -> int:
     return int(tensor._version)
 
 
+#: What ``nn.Module`` keeps of its own in ``__dict__`` besides hooks (each hook dict's name
+#: contains "hook"): children, parameters, buffers, and which buffers are non-persistent.
+_MODULE_STATE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+
+
+def module_state(attributes: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a module's ``__dict__`` that make it an ``nn.Module``: children,
+    parameters, buffers and every hook dict.
+
+    An injected block (a GraphModule standing for a user's block) is given these entries of the
+    block it replaces, so that both share children, storage and hooks; GraphModule's own
+    pickling and copying rebuild them, so they are carried over explicitly too.
+    """
+    return {k: v for k, v in attributes.items() if k in _MODULE_STATE or "hook" in k}
+
+
+def move_children_and_tensors(source: nn.Module, target: nn.Module, leave_out: set[str]) -> None:
+    """Give ``target`` the children (but ``leave_out``), parameters and buffers of ``source``."""
+    target._modules = {n: c for n, c in source._modules.items() if n not in leave_out}
+    target._parameters = dict(source._parameters)
+    target._buffers = dict(source._buffers)
+    target._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
+
+
 def remove_forward_hooks(module: nn.Module, predicate: Callable[[Any], bool]) -> int:
     """Remove the forward hooks of ``module`` that ``predicate`` accepts; returns how many.
 

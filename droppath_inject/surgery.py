@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import fx, nn
 
+from .internals import module_state, move_children_and_tensors
 from .layers import DropPath, Mode
 from .residuals import ResidualSite
 from .skipping import BranchCut, install_skipping_drop_path, plan_cuts
-
-_STRUCTURE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
 
 
 @dataclass(frozen=True)
@@ -63,11 +61,8 @@ class InjectedBlock(fx.GraphModule):
 
 def _structure(attributes: dict[str, Any]) -> dict[str, Any]:
     """The attributes that GraphModule's own pickling and copying would drop or rebuild."""
-    return {
-        key: value
-        for key, value in attributes.items()
-        if key in _STRUCTURE or "hook" in key or key == "droppath_info"
-    }
+    info = {k: v for k, v in attributes.items() if k == "droppath_info"}
+    return {**module_state(attributes), **info}
 
 
 def _adopt(target: nn.Module, source: dict[str, Any]) -> None:
@@ -162,12 +157,7 @@ def restore_original(block: InjectedBlock) -> nn.Module:
     """
     info = block.droppath_info
     original = info.original
-    original._modules = OrderedDict(
-        (name, child) for name, child in block._modules.items() if name not in info.drop_path_names
-    )
-    original._parameters = OrderedDict(block._parameters)
-    original._buffers = OrderedDict(block._buffers)
-    original._non_persistent_buffers_set = set(block._non_persistent_buffers_set)
+    move_children_and_tensors(block, original, leave_out=set(info.drop_path_names))
     original.training = block.training
     return original
 
