@@ -24,8 +24,8 @@ from .layers import DropPath, Mode, check_mode
 from .plan import Plan, PlannedSite, dry_sites, make_plan, site_report
 from .report import Parameters, Report, Site, SiteStatus
 from .schedule import Schedule, drop_rates, schedule_name
-from .surgery import InjectedBlock
-from .traced import Rewrite, dry_run, inject_traced
+from .surgery import InjectedBlock, Rewrite
+from .traced import dry_run, inject_traced
 from .verify import Change, Verification, count_elements, diagnose, outputs_equal
 
 Existing = Literal["rerate", "keep"]

@@ -17,6 +17,9 @@ from torch.utils import _pytree
 #: Base class of BatchNorm1d/2d/3d, InstanceNorm and SyncBatchNorm (no public name for it).
 NORM_BASE: type[nn.Module] = nn.modules.batchnorm._NormBase
 
+#: Base class of BatchNorm1d/2d/3d and SyncBatchNorm: the norms with batch statistics.
+BATCH_NORM_BASE: type[nn.Module] = nn.modules.batchnorm._BatchNorm
+
 #: The fused attention ``nn.MultiheadAttention`` calls in eval; a weight-bearing op.
 NATIVE_MULTI_HEAD_ATTENTION: Callable[..., Any] = torch._native_multi_head_attention
 

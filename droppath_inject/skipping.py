@@ -16,13 +16,14 @@ same samples on the CPU; batch-mode decisions are always drawn on the CPU (no de
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from torch import fx, nn
 
 from .graph_facts import data_derived, is_inplace_add
+from .internals import BATCH_NORM_BASE
 from .layers import Mode, SkippingDropPath
 from .residuals import ResidualSite
 
@@ -41,6 +42,18 @@ class BranchCut:
     per_sample: tuple[bool, ...] | None
     row_fallback: str | None
     batch_norms: tuple[nn.Module, ...]
+
+    def mapped(self, new_node: Mapping[fx.Node, fx.Node], site: ResidualSite) -> BranchCut:
+        """The same cut in a copy of its graph (``new_node``: original node to copy)."""
+        nodes = tuple(new_node[n] for n in self.nodes)
+        return replace(self, site=site, nodes=nodes, inputs=tuple(new_node[n] for n in self.inputs))
+
+
+@dataclass(frozen=True)
+class NoCut:
+    """Why a site's branch cannot be cut out: it keeps a plain mask."""
+
+    reason: str
 
 
 def _sizes_of_tensors(graph: fx.Graph) -> set[fx.Node]:
@@ -97,15 +110,15 @@ def _batch_norms(graph_module: fx.GraphModule, nodes: Sequence[fx.Node]) -> tupl
         for node in nodes
         if node.op == "call_module"
         for module in graph_module.get_submodule(str(node.target)).modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if isinstance(module, BATCH_NORM_BASE)
     )
 
 
-def cut_branch(graph_module: fx.GraphModule, site: ResidualSite) -> BranchCut | str:
+def cut_branch(graph_module: fx.GraphModule, site: ResidualSite) -> BranchCut | NoCut:
     """Plan cutting ``site``'s branch out of the graph, or say why it cannot be cut."""
     graph = graph_module.graph
     if is_inplace_add(site.add) and site.add.args[0] is site.skip:
-        return "in-place add into the skip"  # later readers of the skip see the sum
+        return NoCut("in-place add into the skip")  # later readers of the skip see the sum
     moved = set(site.branch_region)
     order = list(graph.nodes)
     start, stop = order.index(site.fork), order.index(site.add)
@@ -114,7 +127,7 @@ def cut_branch(graph_module: fx.GraphModule, site: ResidualSite) -> BranchCut | 
             moved.add(node)
     nodes = tuple(n for n in order[start + 1 : stop] if n in moved)
     if any(user not in moved and user is not site.add for n in nodes for user in n.users):
-        return "a value computed in the branch is used outside it"
+        return NoCut("a value computed in the branch is used outside it")
     inputs = [site.fork]
     for node in nodes:
         inputs += [n for n in node.all_input_nodes if n not in moved and n not in inputs]
@@ -144,16 +157,16 @@ def cut_branch(graph_module: fx.GraphModule, site: ResidualSite) -> BranchCut | 
 
 def plan_cuts(
     graph_module: fx.GraphModule, sites: Sequence[ResidualSite]
-) -> dict[ResidualSite, BranchCut | str]:
+) -> dict[ResidualSite, BranchCut | NoCut]:
     """For each site of one block: how its branch is cut out, or why it keeps a plain mask.
 
     A branch that contains another site's add (a residual nested in the same forward) keeps
     the mask, so that every cut moves nodes no other site needs.
     """
-    plans: dict[ResidualSite, BranchCut | str] = {}
+    plans: dict[ResidualSite, BranchCut | NoCut] = {}
     for site in sites:
         if any(other.add in site.branch_region for other in sites):
-            plans[site] = "the branch holds another residual of the block"
+            plans[site] = NoCut("the branch holds another residual of the block")
         else:
             plans[site] = cut_branch(graph_module, site)
     return plans
@@ -183,10 +196,10 @@ class SkipPlan:
         return f"{self.how.value}: {self.reason}" if self.reason else self.how.value
 
 
-def describe_plan(plan: BranchCut | str, mode: Mode, gather_batch_norm: bool = False) -> SkipPlan:
+def describe_plan(plan: BranchCut | NoCut, mode: Mode, gather_batch_norm: bool = False) -> SkipPlan:
     """What a dropped branch costs, for the report."""
-    if isinstance(plan, str):
-        return SkipPlan(SkipCompute.MASKS, plan)
+    if isinstance(plan, NoCut):
+        return SkipPlan(SkipCompute.MASKS, plan.reason)
     if mode == "batch":
         return SkipPlan(SkipCompute.SKIPS_DROPPED_BLOCKS)
     if plan.per_sample is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,7 +19,16 @@ from torch import fx, nn
 from .internals import module_state, move_children_and_tensors
 from .layers import DropPath, Mode
 from .residuals import ResidualSite
-from .skipping import BranchCut, install_skipping_drop_path, plan_cuts
+from .skipping import BranchCut, NoCut, install_skipping_drop_path
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """How sites are rewritten: DropPath mode, and whether dropped branches skip their work."""
+
+    mode: Mode
+    skip_compute: bool = False
+    gather_batch_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,41 +117,44 @@ def _mapped(site: ResidualSite, new_node: dict[fx.Node, fx.Node]) -> ResidualSit
 def build_injected_block(
     original: nn.Module,
     graph: fx.Graph,
-    sites: Sequence[ResidualSite],
+    sites: Mapping[ResidualSite, BranchCut | NoCut | None],
     rate: float,
-    mode: Mode,
     position: tuple[int, int],
-    skip_compute: bool = False,
-    gather_batch_norm: bool = False,
+    rewrite: Rewrite,
 ) -> InjectedBlock:
     """A traced copy of ``original`` with a DropPath on the branch edge of each site.
 
-    ``graph`` is ``original``'s own trace and ``sites`` are residual adds found in it; the
-    graph is copied, so it can serve again. ``position`` is (block index, number of blocks).
-    With ``skip_compute``, branches that can be cut out get a ``SkippingDropPath`` instead.
+    ``graph`` is ``original``'s own trace and ``sites`` are residual adds found in it, each
+    with its planned cut (``BranchCut``: a ``SkippingDropPath`` computes the branch; else a
+    plain DropPath). The graph is copied, so it can serve again. ``position`` is (block index,
+    number of blocks).
     """
     graph_copy = fx.Graph()
     new_node: dict[fx.Node, fx.Node] = {}
     graph_copy.output(graph_copy.graph_copy(graph, new_node))
     block = InjectedBlock(original, graph_copy, type(original).__name__)
     _adopt(block, vars(original))
-    mapped = [_mapped(site, new_node) for site in sites]
-    plans = plan_cuts(block, mapped) if skip_compute else {}
+    mapped = {site: _mapped(site, new_node) for site in sites}
+    plans = {
+        mapped[site]: cut.mapped(new_node, mapped[site])
+        for site, cut in sites.items()
+        if isinstance(cut, BranchCut)
+    }
     names: dict[ResidualSite, str] = {}
-    for site in mapped:
+    for site in mapped.values():
         names[site] = _free_name(block, "drop_path_injected", set(names.values()))
-    for site in mapped:
-        if not isinstance(plans.get(site), BranchCut):
-            drop = DropPath(rate, mode)
+    for site in mapped.values():
+        if site not in plans:
+            drop = DropPath(rate, rewrite.mode)
             drop.training = original.training
             block.add_module(names[site], drop)
             with graph_copy.inserting_after(site.branch):
                 dropped = graph_copy.call_module(names[site], (site.branch,))
             site.add.replace_input_with(site.branch, dropped)
-    for site in reversed(mapped):  # later cuts first: an earlier add may feed a later cut
-        plan = plans.get(site)
-        if isinstance(plan, BranchCut):
-            install_skipping_drop_path(block, plan, names[site], rate, mode, gather_batch_norm)
+    for site in reversed(mapped.values()):  # later cuts first: an earlier add may feed a later one
+        if site in plans:
+            gather = rewrite.gather_batch_norm
+            install_skipping_drop_path(block, plans[site], names[site], rate, rewrite.mode, gather)
     block.droppath_info = BlockInfo(original, *position, tuple(names.values()))
     block.graph.lint()
     block.recompile()

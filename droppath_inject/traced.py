@@ -9,7 +9,7 @@ every change is undone if applying or verifying it fails.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx, nn
@@ -24,12 +24,12 @@ from .inputs import (
     resolve_inputs,
     run_eval,
 )
-from .layers import DropPath, Mode
+from .layers import DropPath
 from .report import Report, Site, SiteStatus, Skipped
 from .residuals import ResidualSite, find_residual_sites
 from .schedule import Schedule, drop_rates
-from .skipping import describe_plan, plan_cuts
-from .surgery import InjectedBlock, Surgery, build_injected_block
+from .skipping import BranchCut, NoCut, describe_plan, plan_cuts
+from .surgery import InjectedBlock, Rewrite, Surgery, build_injected_block
 from .tracing import (
     mode_dependent_submodules,
     trace_in_both_modes,
@@ -55,20 +55,17 @@ class _Block:
     module: nn.Module
     graph_module: fx.GraphModule
     sites: list[ResidualSite]
+    cuts: dict[ResidualSite, BranchCut | NoCut] = field(default_factory=dict)  # skip_compute
+
+    @property
+    def new_sites(self) -> list[ResidualSite]:
+        """The sites without a drop path yet: each gets a DropPath (or a cut) of its own."""
+        return [site for site in self.sites if site.existing_drop_path is None]
 
     def drop_path_at(self, site: ResidualSite) -> nn.Module | None:
         if site.existing_drop_path is None:
             return None
         return self.graph_module.get_submodule(site.existing_drop_path)
-
-
-@dataclass(frozen=True)
-class Rewrite:
-    """How sites are rewritten: DropPath mode, and whether dropped branches skip their work."""
-
-    mode: Mode
-    skip_compute: bool = False
-    gather_batch_norm: bool = False
 
 
 @dataclass
@@ -163,15 +160,13 @@ def _site_reports(plan: _Plan, rates: list[float], rewrite: Rewrite | None = Non
     gather = bool(rewrite and rewrite.gather_batch_norm)
     reports = []
     for index, (block, rate) in enumerate(zip(plan.blocks, rates, strict=True)):
-        new_sites = [site for site in block.sites if site.existing_drop_path is None]
-        cuts = plan_cuts(block.graph_module, new_sites) if skip_mode else {}
         for site in block.sites:
             existing = block.drop_path_at(site)
             attached, previous, skipping = "", None, None
             if existing is None:
                 status, site_rate, how = SiteStatus.INJECTED, rate, AttachKind.REWRITTEN
                 if skip_mode:
-                    skipping = describe_plan(cuts[site], skip_mode, gather)
+                    skipping = describe_plan(block.cuts[site], skip_mode, gather)
             elif isinstance(existing, DropPath):
                 status, site_rate, how = SiteStatus.RE_RATED, rate, AttachKind.REWRITTEN
                 previous = existing.drop_prob
@@ -212,18 +207,11 @@ def _apply(plan: _Plan, rates: list[float], rewrite: Rewrite, surgery: Surgery) 
         if isinstance(block.module, InjectedBlock):
             surgery.update(block.module, rate, rewrite.mode, position)
             continue
-        new_sites = [site for site in block.sites if site.existing_drop_path is None]
-        if new_sites:
-            replacement = build_injected_block(
-                surgery.model.get_submodule(block.path),
-                block.graph_module.graph,
-                new_sites,
-                rate,
-                rewrite.mode,
-                position,
-                rewrite.skip_compute,
-                rewrite.gather_batch_norm,
-            )
+        if block.new_sites:
+            sites = {site: block.cuts.get(site) for site in block.new_sites}
+            original = surgery.model.get_submodule(block.path)
+            graph = block.graph_module.graph
+            replacement = build_injected_block(original, graph, sites, rate, position, rewrite)
             surgery.replace(block.path, replacement)
 
 
@@ -269,6 +257,9 @@ def inject_traced(
     verify or undo; returns the report."""
     inputs = resolve_inputs(model, example_inputs, required=verify)
     plan = _plan(model, inputs)
+    if rewrite.skip_compute:  # planned once, for the report and the rewrite
+        for block in plan.blocks:
+            block.cuts = plan_cuts(block.graph_module, block.new_sites)
     rates = drop_rates(len(plan.blocks), max_drop, schedule)
     report = Report(_site_reports(plan, rates, rewrite), plan.skipped, len(plan.blocks))
     surgery = Surgery(model)
