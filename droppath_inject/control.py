@@ -67,7 +67,8 @@ def set_drop_rates(model: nn.Module, max_drop: float, schedule: Schedule = "line
     Args:
         model: a model given to ``inject_droppath`` (or one containing it).
         max_drop: the new largest rate.
-        schedule: ``"linear"``, ``"uniform"`` or a callable ``(index, num_blocks, max_drop)``.
+        schedule: ``"linear"``, ``"uniform"``, ``"exponential"`` (LayerSkip) or a callable
+            ``(index, num_blocks, max_drop)``; see ``drop_rates``.
 
     Returns:
         The rate of each block, by block index.
