@@ -6,7 +6,14 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .api import find_residuals, inject_droppath
 from .control import DropPathScheduler, injected_blocks, remove_droppath, set_drop_rates
-from .errors import DropPathInjectError, DropPathWarning, ExampleInputError, VerificationError
+from .curricula import Curriculum
+from .errors import (
+    CurriculumError,
+    DropPathInjectError,
+    DropPathWarning,
+    ExampleInputError,
+    VerificationError,
+)
 from .layers import DropPath, drop_path
 from .report import Report, Site, SiteStatus, Skipped
 from .schedule import drop_rates
@@ -17,6 +24,8 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
     __version__ = "0+unknown"
 
 __all__ = [
+    "Curriculum",
+    "CurriculumError",
     "DropPath",
     "DropPathScheduler",
     "DropPathInjectError",

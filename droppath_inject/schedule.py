@@ -57,7 +57,7 @@ def _resolve(schedule: Schedule) -> Callable[[int, int, float], float]:
     return schedule
 
 
-def _check_rate(name: str, value: float) -> float:
+def check_rate(name: str, value: float) -> float:
     """`value` as a float, or ValueError naming it when it is not a number in [0, 1]."""
     try:
         rate = float(value)
@@ -100,10 +100,10 @@ def drop_rates(num_blocks: int, max_drop: float, schedule: Schedule = "linear") 
         raise TypeError(f"num_blocks must be an int, got {num_blocks!r}") from None
     if count < 0:
         raise ValueError(f"num_blocks must be >= 0, got {num_blocks!r}")
-    top = _check_rate("max_drop", max_drop)
+    top = check_rate("max_drop", max_drop)
     rate_of = _resolve(schedule)
     rates = []
     for i in range(count):
         name = f"the rate of block {i} (of {count}) from schedule {schedule!r}"
-        rates.append(_check_rate(name, rate_of(i, count, top)))
+        rates.append(check_rate(name, rate_of(i, count, top)))
     return rates
