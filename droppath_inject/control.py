@@ -13,7 +13,7 @@ from .apply import detach, scheduled_drop_paths
 from .curricula import Curriculum, span
 from .droppaths import set_drop_path_rate
 from .errors import DropPathInjectError
-from .schedule import Schedule, drop_rates
+from .schedule import Schedule, check_rate, drop_rates
 from .surgery import InjectedBlock, restore_original
 
 
@@ -176,6 +176,7 @@ class DropPathScheduler:
         Example (``model`` injected, as in the class example):
             >>> scheduler = DropPathScheduler.warmup(model, 0.1, fraction=0.1, total_steps=1000)
         """
+        check_rate("max_drop", max_drop)
         point, by_fraction = span("warmup", steps, fraction)
         curriculum = Curriculum(0.0, max_drop, 0, point, shape, by_fraction, total_steps)
         return cls(model, curriculum, schedule)
@@ -202,7 +203,7 @@ class DropPathScheduler:
         Example (``model`` injected, as in the class example):
             >>> scheduler = DropPathScheduler.anneal(model, 0.3, fraction=1.0, total_steps=500)
         """
-        if final_drop > max_drop:
+        if check_rate("final_drop", final_drop) > check_rate("max_drop", max_drop):
             raise ValueError(
                 f"final_drop ({final_drop!r}) must not exceed max_drop ({max_drop!r}): "
                 "anneal lowers the rate; warmup raises it"
@@ -231,6 +232,7 @@ class DropPathScheduler:
         Example (``model`` injected, as in the class example):
             >>> scheduler = DropPathScheduler.early_drop(model, 0.1, steps=2000)
         """
+        check_rate("max_drop", max_drop)
         point, by_fraction = span("early_drop", steps, fraction)
         curriculum = Curriculum(max_drop, 0.0, point, point, "linear", by_fraction, total_steps)
         return cls(model, curriculum, schedule)
@@ -255,6 +257,7 @@ class DropPathScheduler:
         Example (``model`` injected, as in the class example):
             >>> scheduler = DropPathScheduler.late_drop(model, 0.1, fraction=0.5)
         """
+        check_rate("max_drop", max_drop)
         point, by_fraction = span("late_drop", steps, fraction)
         curriculum = Curriculum(0.0, max_drop, point, point, "linear", by_fraction, total_steps)
         return cls(model, curriculum, schedule)

@@ -235,7 +235,8 @@ def test_fraction_curriculum_without_total_steps_needs_sizing_before_step_one() 
         ({"steps": 4, "total_steps": 10}, ValueError, "total_steps sizes a curriculum by fraction"),
         ({"fraction": 0.1, "total_steps": 0}, ValueError, "total_steps must be >= 1, got 0"),
         ({"steps": 4, "shape": "step"}, ValueError, "unknown shape 'step'; choose one of"),
-        ({"steps": 4, "max_drop": 1.5}, ValueError, r"final_drop must lie in \[0, 1\], got 1.5"),
+        ({"steps": 4, "max_drop": 1.5}, ValueError, r"max_drop must lie in \[0, 1\], got 1.5"),
+        ({"steps": 4, "max_drop": "high"}, ValueError, "max_drop must be a number in"),
     ],
 )
 def test_warmup_rejects_bad_arguments_clearly(
@@ -258,8 +259,12 @@ def test_other_factories_reject_bad_arguments_clearly() -> None:
         DropPathScheduler.early_drop(model, 0.2)
     with pytest.raises(ValueError, match="late_drop steps must be >= 1"):
         DropPathScheduler.late_drop(model, 0.2, steps=-3)
-    with pytest.raises(ValueError, match=r"initial_drop must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"max_drop must lie in \[0, 1\], got -0.1"):
         DropPathScheduler.early_drop(model, -0.1, steps=3)
+    with pytest.raises(ValueError, match=r"final_drop must lie in \[0, 1\], got nan"):
+        DropPathScheduler.anneal(model, 0.2, final_drop=float("nan"), steps=3)
+    with pytest.raises(ValueError, match=r"initial_drop must lie in \[0, 1\]"):
+        Curriculum(2.0, 0.1, start=0, stop=3)
 
 
 def test_curriculum_rejects_bad_arguments_clearly() -> None:
