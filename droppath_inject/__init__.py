@@ -5,7 +5,14 @@ from __future__ import annotations
 from .api import find_residuals, inject_droppath
 from .attach import AttachKind
 from .control import DropPathScheduler, injected_blocks, remove_droppath, set_drop_rates
-from .errors import DropPathInjectError, DropPathWarning, ExampleInputError, VerificationError
+from .curricula import Curriculum
+from .errors import (
+    CurriculumError,
+    DropPathInjectError,
+    DropPathWarning,
+    ExampleInputError,
+    VerificationError,
+)
 from .layers import DropPath, drop_path
 from .report import Report, Site, SiteStatus, Skipped
 from .schedule import drop_rates
@@ -13,6 +20,8 @@ from .version import __version__
 
 __all__ = [
     "AttachKind",
+    "Curriculum",
+    "CurriculumError",
     "DropPath",
     "DropPathScheduler",
     "DropPathInjectError",

@@ -70,7 +70,8 @@ def find_residuals(
         model: the model to analyse.
         example_inputs: a tensor, a tuple of positional arguments or a dict of keyword ones.
         max_drop: the largest rate of the schedule.
-        schedule: ``"linear"``, ``"uniform"`` or a callable ``(index, num_blocks, max_drop)``.
+        schedule: ``"linear"``, ``"uniform"``, ``"exponential"`` (LayerSkip) or a callable
+            ``(index, num_blocks, max_drop)``; see ``drop_rates``.
         existing: how ``inject_droppath`` would treat drop paths already in the model.
 
     Returns:
@@ -149,7 +150,8 @@ def inject_droppath(
     The model runs once in eval mode on ``example_inputs`` (inferred when omitted, where
     possible), which shows every residual add its own Python computes, however it is written.
     Block ``i`` of ``L`` in execution order gets ``schedule``'s rate (linear: ``max_drop * i /
-    (L - 1)``); the adds of one layer share it. Each DropPath is attached, not traced in: a
+    (L - 1)``; exponential: ``max_drop * (e^(i ln 2 / (L - 1)) - 1)``); the adds of one layer
+    share it. Each DropPath is attached, not traced in: a
     forward hook on the module computing the branch, or the ``nn.Identity`` drop-path slot
     timm and Hugging Face leave at rate 0. Blocks keep their class, code, hooks and
     ``state_dict()`` keys. Drop paths already on a branch (timm, torchvision, Hugging Face,
@@ -158,7 +160,8 @@ def inject_droppath(
     Args:
         model: the model, changed in place.
         max_drop: the rate of the deepest block (linear schedule).
-        schedule: ``"linear"``, ``"uniform"`` or a callable ``(index, num_blocks, max_drop)``.
+        schedule: ``"linear"``, ``"uniform"``, ``"exponential"`` (LayerSkip) or a callable
+            ``(index, num_blocks, max_drop)``; see ``drop_rates``.
         mode: ``"row"`` (one decision per sample) or ``"batch"`` (one for the whole batch).
         example_inputs: a tensor, a tuple of positional arguments or a dict of keyword ones.
         verify: check that eval outputs stay bit-identical (else the model is restored).

@@ -26,3 +26,7 @@ class NoResidualError(DropPathInjectError):
 
 class DropPathWarning(UserWarning):
     """Injection did little: no residual site was found, or some got no DropPath."""
+
+
+class CurriculumError(DropPathInjectError):
+    """A curriculum set by fraction of training was stepped before it knew how long training is."""

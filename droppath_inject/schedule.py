@@ -2,6 +2,8 @@
 
 Deeper blocks are dropped more often (Huang et al. 2016): under `"linear"`, block i of L gets
 `max_drop * i / (L - 1)`, so the first block is never dropped and the last gets `max_drop`.
+`"exponential"` is LayerSkip's rule (Elhoushi et al. 2024), `max_drop * (e^(i ln 2 / (L - 1)) - 1)`:
+the same two ends, with the middle blocks dropped less than under `"linear"`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Callable
 from typing import TypeAlias
 
 Schedule: TypeAlias = str | Callable[[int, int, float], float]
-SCHEDULES: tuple[str, ...] = ("linear", "uniform")
+SCHEDULES: tuple[str, ...] = ("linear", "uniform", "exponential")
 
 
 def _linear(block_index: int, num_blocks: int, max_drop: float) -> float:
@@ -26,9 +28,18 @@ def _uniform(block_index: int, num_blocks: int, max_drop: float) -> float:
     return max_drop
 
 
+def _exponential(block_index: int, num_blocks: int, max_drop: float) -> float:
+    """`max_drop * (e^(i ln 2 / (L - 1)) - 1)`, written `2 ** (i / (L - 1)) - 1` so that the
+    first rate is exactly 0 and the last exactly max_drop."""
+    if num_blocks == 1:
+        return 0.0
+    return max_drop * (2.0 ** (block_index / (num_blocks - 1)) - 1.0)
+
+
 _BUILTIN: dict[str, Callable[[int, int, float], float]] = {
     "linear": _linear,
     "uniform": _uniform,
+    "exponential": _exponential,
 }
 
 
@@ -53,7 +64,7 @@ def schedule_name(schedule: Schedule) -> str:
     return str(getattr(schedule, "__qualname__", None) or repr(schedule))
 
 
-def _check_rate(name: str, value: float) -> float:
+def check_rate(name: str, value: float) -> float:
     """`value` as a float, or ValueError naming it when it is not a number in [0, 1]."""
     try:
         rate = float(value)
@@ -67,8 +78,26 @@ def _check_rate(name: str, value: float) -> float:
 def drop_rates(num_blocks: int, max_drop: float, schedule: Schedule = "linear") -> list[float]:
     """Drop rate of each of `num_blocks` residual blocks, in execution order.
 
-    `schedule` is `"linear"`, `"uniform"`, or a callable `(block_index, num_blocks, max_drop)`
-    returning a rate; every rate is checked to lie in [0, 1].
+    Args:
+        num_blocks: how many blocks, `L`.
+        max_drop: the largest rate, in [0, 1].
+        schedule: `"linear"` (block i gets `max_drop * i / (L - 1)`), `"uniform"` (every block
+            `max_drop`), `"exponential"` (LayerSkip: `max_drop * (e^(i ln 2 / (L - 1)) - 1)`),
+            or a callable `(block_index, num_blocks, max_drop)` returning a rate. With one
+            block, linear and exponential give 0.
+
+    Returns:
+        One rate per block, each checked to lie in [0, 1].
+
+    Raises:
+        TypeError: `num_blocks` is not an int, or `schedule` neither a name nor a callable.
+        ValueError: `num_blocks` < 0, `max_drop` or a rate outside [0, 1], an unknown name.
+
+    Example:
+        >>> drop_rates(3, 0.2)
+        [0.0, 0.1, 0.2]
+        >>> [round(rate, 4) for rate in drop_rates(3, 0.2, "exponential")]
+        [0.0, 0.0828, 0.2]
     """
     if isinstance(num_blocks, bool):
         raise TypeError(f"num_blocks must be an int, got {num_blocks!r}")
@@ -78,10 +107,10 @@ def drop_rates(num_blocks: int, max_drop: float, schedule: Schedule = "linear") 
         raise TypeError(f"num_blocks must be an int, got {num_blocks!r}") from None
     if count < 0:
         raise ValueError(f"num_blocks must be >= 0, got {num_blocks!r}")
-    top = _check_rate("max_drop", max_drop)
+    top = check_rate("max_drop", max_drop)
     rate_of = _resolve(schedule)
     rates = []
     for i in range(count):
         name = f"the rate of block {i} (of {count}) from schedule {schedule!r}"
-        rates.append(_check_rate(name, rate_of(i, count, top)))
+        rates.append(check_rate(name, rate_of(i, count, top)))
     return rates

@@ -148,6 +148,25 @@ def test_set_drop_rates_uniform_and_callable_schedules() -> None:
     assert_block_rates(model, order, expected, 1)
 
 
+def exponential_rule(num_blocks: int, max_drop: float) -> list[float]:
+    """LayerSkip: block l of L gets ``max_drop * (e^(l ln 2 / (L - 1)) - 1)``; L == 1 gives 0."""
+    if num_blocks == 1:
+        return [0.0]
+    exponent = math.log(2) / (num_blocks - 1)
+    return [max_drop * (math.exp(index * exponent) - 1) for index in range(num_blocks)]
+
+
+def test_inject_and_set_drop_rates_follow_the_exponential_rule() -> None:
+    build, block_type = MODELS["vit_tiny"]
+    model = build()
+    order = execution_order(model, block_type)
+    inject_droppath(model, 0.2, schedule="exponential", example_inputs=images(2))
+    assert_block_rates(model, order, exponential_rule(len(order), 0.2), 2)
+    returned = set_drop_rates(model, 0.5, schedule="exponential")
+    assert returned == pytest.approx(exponential_rule(len(order), 0.5), rel=1e-12, abs=1e-15)
+    assert_block_rates(model, order, returned, 2)
+
+
 @pytest.mark.parametrize(
     ("max_drop", "schedule"),
     [(1.5, "linear"), (-0.1, "linear"), (float("nan"), "uniform"), (0.2, "cosine"), (0.2, "bad")],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
@@ -46,6 +47,53 @@ def test_linear_rises_from_zero_to_exactly_max_drop(num_blocks: int, max_drop: f
 @given(num_blocks=st.integers(0, 300), max_drop=rates_in_unit_interval)
 def test_uniform_gives_every_block_max_drop(num_blocks: int, max_drop: float) -> None:
     assert drop_rates(num_blocks, max_drop, "uniform") == [max_drop] * num_blocks
+
+
+def layerskip_rule(num_blocks: int, max_drop: float) -> list[float]:
+    """LayerSkip (Elhoushi et al. 2024): block l of L gets max_drop * (e^(l ln 2 / (L - 1)) - 1)."""
+    if num_blocks == 1:
+        return [0.0]
+    exponent = math.log(2) / (num_blocks - 1)
+    return [max_drop * (math.exp(index * exponent) - 1) for index in range(num_blocks)]
+
+
+@pytest.mark.parametrize("num_blocks", [2, 3, 8, 12, 32])
+@pytest.mark.parametrize("max_drop", [0.1, 0.2, 0.5, 1.0])
+def test_exponential_matches_layerskips_formula(num_blocks: int, max_drop: float) -> None:
+    rates = drop_rates(num_blocks, max_drop, "exponential")
+    assert rates == pytest.approx(layerskip_rule(num_blocks, max_drop), rel=1e-12, abs=1e-15)
+    assert rates[0] == 0.0 and rates[-1] == max_drop  # both ends exact, not just close
+
+
+def test_exponential_values_written_out() -> None:
+    """Four blocks at 0.3: 0.3 * (2^(l/3) - 1), the middle rates below linear's 0.1 and 0.2."""
+    rates = drop_rates(4, 0.3, "exponential")
+    assert rates == pytest.approx([0.0, 0.0779763, 0.1762203, 0.3], abs=1e-7)
+    assert all(e < lin for e, lin in zip(rates[1:-1], drop_rates(4, 0.3)[1:-1], strict=True))
+
+
+@pytest.mark.parametrize(("num_blocks", "expected"), [(0, []), (1, [0.0])])
+def test_exponential_edge_cases(num_blocks: int, expected: list[float]) -> None:
+    assert drop_rates(num_blocks, 0.2, "exponential") == expected
+
+
+@given(num_blocks=st.integers(0, 300), max_drop=rates_in_unit_interval)
+def test_exponential_rises_from_zero_to_exactly_max_drop(num_blocks: int, max_drop: float) -> None:
+    rates = drop_rates(num_blocks, max_drop, "exponential")
+    assert len(rates) == num_blocks
+    assert rates == sorted(rates)
+    assert all(0.0 <= rate <= max_drop for rate in rates)
+    if num_blocks >= 2:
+        assert rates[0] == 0.0 and rates[-1] == max_drop
+
+
+def test_the_command_line_offers_every_schedule() -> None:
+    from droppath_inject.cli import build_parser
+
+    parser = build_parser()
+    for name in ("linear", "uniform", "exponential"):
+        assert name in SCHEDULES
+        assert parser.parse_args(["model.pt", "--schedule", name]).schedule == name
 
 
 def test_callable_is_called_per_block_in_order_with_its_arguments() -> None:
