@@ -18,8 +18,21 @@ from .surgery import InjectedBlock, restore_original
 
 
 def injected_blocks(model: nn.Module) -> list[tuple[str, InjectedBlock]]:
-    """The blocks ``inject_droppath(skip_compute=True)`` rewrote, with their paths, outermost
-    first."""
+    """The blocks ``inject_droppath(skip_compute=True)`` rewrote, with their paths.
+
+    Args:
+        model: a model given to ``inject_droppath`` (or one containing it).
+
+    Returns:
+        ``(path, block)`` pairs, outermost first; empty unless ``skip_compute`` was used.
+
+    Example:
+        >>> import torchvision
+        >>> from droppath_inject import inject_droppath
+        >>> model = inject_droppath(torchvision.models.resnet18(), skip_compute=True, mode="batch")
+        >>> [path for path, _ in injected_blocks(model)][:2]
+        ['layer1.0', 'layer1.1']
+    """
     return [(path, m) for path, m in model.named_modules() if isinstance(m, InjectedBlock)]
 
 
@@ -77,6 +90,13 @@ def set_drop_rates(model: nn.Module, max_drop: float, schedule: Schedule = "line
     Raises:
         DropPathInjectError: the model holds no injected DropPath, or the DropPaths of separate
             calls with different block counts.
+
+    Example:
+        >>> import torchvision
+        >>> from droppath_inject import inject_droppath
+        >>> model = inject_droppath(torchvision.models.resnet18(), max_drop=0.1)
+        >>> [round(rate, 4) for rate in set_drop_rates(model, 0.35)]
+        [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35]
     """
     scheduled = _require_injected(model)
     sizes: dict[int, str] = {}
@@ -102,8 +122,22 @@ def remove_droppath(model: nn.Module) -> nn.Module:
     current weights. The result no longer needs this package, so it can be exported or
     deployed as it was.
 
+    Args:
+        model: a model given to ``inject_droppath`` (or one containing it).
+
+    Returns:
+        ``model``, without any DropPath of this package.
+
     Raises:
         DropPathInjectError: the model holds no injected DropPath.
+
+    Example:
+        >>> import torchvision
+        >>> from droppath_inject import DropPath, inject_droppath
+        >>> model = inject_droppath(torchvision.models.resnet18(), max_drop=0.1)
+        >>> model = remove_droppath(model)
+        >>> any(isinstance(m, DropPath) for m in model.modules())
+        False
     """
     _require_injected(model)
     detach(model)
@@ -173,7 +207,10 @@ class DropPathScheduler:
             ValueError, TypeError: neither or both of ``steps`` and ``fraction``, or an
                 argument out of range (see ``Curriculum``).
 
-        Example (``model`` injected, as in the class example):
+        Example:
+            >>> import torchvision
+            >>> from droppath_inject import inject_droppath
+            >>> model = inject_droppath(torchvision.models.resnet18(), max_drop=0.1)
             >>> scheduler = DropPathScheduler.warmup(model, 0.1, fraction=0.1, total_steps=1000)
         """
         check_rate("max_drop", max_drop)
@@ -200,7 +237,10 @@ class DropPathScheduler:
         Raises:
             ValueError, TypeError: as ``warmup``, or ``final_drop`` above ``max_drop``.
 
-        Example (``model`` injected, as in the class example):
+        Example:
+            >>> import torchvision
+            >>> from droppath_inject import inject_droppath
+            >>> model = inject_droppath(torchvision.models.resnet18(), max_drop=0.1)
             >>> scheduler = DropPathScheduler.anneal(model, 0.3, fraction=1.0, total_steps=500)
         """
         if check_rate("final_drop", final_drop) > check_rate("max_drop", max_drop):
@@ -229,7 +269,10 @@ class DropPathScheduler:
         Raises:
             ValueError, TypeError: as ``warmup``.
 
-        Example (``model`` injected, as in the class example):
+        Example:
+            >>> import torchvision
+            >>> from droppath_inject import inject_droppath
+            >>> model = inject_droppath(torchvision.models.resnet18(), max_drop=0.1)
             >>> scheduler = DropPathScheduler.early_drop(model, 0.1, steps=2000)
         """
         check_rate("max_drop", max_drop)
@@ -254,7 +297,10 @@ class DropPathScheduler:
         Raises:
             ValueError, TypeError: as ``warmup``.
 
-        Example (``model`` injected, as in the class example):
+        Example:
+            >>> import torchvision
+            >>> from droppath_inject import inject_droppath
+            >>> model = inject_droppath(torchvision.models.resnet18(), max_drop=0.1)
             >>> scheduler = DropPathScheduler.late_drop(model, 0.1, fraction=0.5)
         """
         check_rate("max_drop", max_drop)

@@ -1,9 +1,9 @@
 """Depth schedules: the drop rate of each residual block, by its position in execution order.
 
-Deeper blocks are dropped more often (Huang et al. 2016): under `"linear"`, block i of L gets
-`max_drop * i / (L - 1)`, so the first block is never dropped and the last gets `max_drop`.
-`"exponential"` is LayerSkip's rule (Elhoushi et al. 2024), `max_drop * (e^(i ln 2 / (L - 1)) - 1)`:
-the same two ends, with the middle blocks dropped less than under `"linear"`.
+Deeper blocks are dropped more often (Huang et al. 2016): under ``"linear"``, block i of L gets
+``max_drop * i / (L - 1)``, so the first block is never dropped and the last gets ``max_drop``.
+``"exponential"`` is LayerSkip's rule (Elhoushi et al. 2024), ``max_drop * (e^(i ln 2 / (L - 1)) - 1)``:
+the same two ends, with the middle blocks dropped less than under ``"linear"``.
 """
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ SCHEDULES: tuple[str, ...] = ("linear", "uniform", "exponential")
 
 
 def _linear(block_index: int, num_blocks: int, max_drop: float) -> float:
-    """`max_drop * i / (L - 1)`, the ratio taken first so that the last rate is exactly max_drop."""
+    """``max_drop * i / (L - 1)``, the ratio taken first so that the last rate is exactly max_drop."""
     if num_blocks == 1:
         return 0.0
     return max_drop * (block_index / (num_blocks - 1))
 
 
 def _uniform(block_index: int, num_blocks: int, max_drop: float) -> float:
-    """The same rate, `max_drop`, for every block."""
+    """The same rate, ``max_drop``, for every block."""
     return max_drop
 
 
 def _exponential(block_index: int, num_blocks: int, max_drop: float) -> float:
-    """`max_drop * (e^(i ln 2 / (L - 1)) - 1)`, written `2 ** (i / (L - 1)) - 1` so that the
+    """``max_drop * (e^(i ln 2 / (L - 1)) - 1)``, written ``2 ** (i / (L - 1)) - 1`` so that the
     first rate is exactly 0 and the last exactly max_drop."""
     if num_blocks == 1:
         return 0.0
@@ -65,7 +65,7 @@ def schedule_name(schedule: Schedule) -> str:
 
 
 def check_rate(name: str, value: float) -> float:
-    """`value` as a float, or ValueError naming it when it is not a number in [0, 1]."""
+    """``value`` as a float, or ValueError naming it when it is not a number in [0, 1]."""
     try:
         rate = float(value)
     except (TypeError, ValueError):
@@ -76,22 +76,22 @@ def check_rate(name: str, value: float) -> float:
 
 
 def drop_rates(num_blocks: int, max_drop: float, schedule: Schedule = "linear") -> list[float]:
-    """Drop rate of each of `num_blocks` residual blocks, in execution order.
+    """Drop rate of each of ``num_blocks`` residual blocks, in execution order.
 
     Args:
-        num_blocks: how many blocks, `L`.
+        num_blocks: how many blocks, ``L``.
         max_drop: the largest rate, in [0, 1].
-        schedule: `"linear"` (block i gets `max_drop * i / (L - 1)`), `"uniform"` (every block
-            `max_drop`), `"exponential"` (LayerSkip: `max_drop * (e^(i ln 2 / (L - 1)) - 1)`),
-            or a callable `(block_index, num_blocks, max_drop)` returning a rate. With one
+        schedule: ``"linear"`` (block i gets ``max_drop * i / (L - 1)``), ``"uniform"`` (every block
+            ``max_drop``), ``"exponential"`` (LayerSkip: ``max_drop * (e^(i ln 2 / (L - 1)) - 1)``),
+            or a callable ``(block_index, num_blocks, max_drop)`` returning a rate. With one
             block, linear and exponential give 0.
 
     Returns:
         One rate per block, each checked to lie in [0, 1].
 
     Raises:
-        TypeError: `num_blocks` is not an int, or `schedule` neither a name nor a callable.
-        ValueError: `num_blocks` < 0, `max_drop` or a rate outside [0, 1], an unknown name.
+        TypeError: ``num_blocks`` is not an int, or ``schedule`` neither a name nor a callable.
+        ValueError: ``num_blocks`` < 0, ``max_drop`` or a rate outside [0, 1], an unknown name.
 
     Example:
         >>> drop_rates(3, 0.2)
