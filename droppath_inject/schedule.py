@@ -2,8 +2,8 @@
 
 Deeper blocks are dropped more often (Huang et al. 2016): under ``"linear"``, block i of L gets
 ``max_drop * i / (L - 1)``, so the first block is never dropped and the last gets ``max_drop``.
-``"exponential"`` is LayerSkip's rule (Elhoushi et al. 2024), ``max_drop * (e^(i ln 2 / (L - 1)) - 1)``:
-the same two ends, with the middle blocks dropped less than under ``"linear"``.
+``"exponential"`` is LayerSkip's rule (Elhoushi et al. 2024),
+``max_drop * (e^(i ln 2 / (L - 1)) - 1)``: the same two ends, with the middle blocks dropped less than under ``"linear"``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ SCHEDULES: tuple[str, ...] = ("linear", "uniform", "exponential")
 
 
 def _linear(block_index: int, num_blocks: int, max_drop: float) -> float:
-    """``max_drop * i / (L - 1)``, the ratio taken first so that the last rate is exactly max_drop."""
+    """``max_drop * i / (L - 1)``, the ratio taken first: the last rate is exactly max_drop."""
     if num_blocks == 1:
         return 0.0
     return max_drop * (block_index / (num_blocks - 1))
