@@ -3,7 +3,8 @@
 Deeper blocks are dropped more often (Huang et al. 2016): under ``"linear"``, block i of L gets
 ``max_drop * i / (L - 1)``, so the first block is never dropped and the last gets ``max_drop``.
 ``"exponential"`` is LayerSkip's rule (Elhoushi et al. 2024),
-``max_drop * (e^(i ln 2 / (L - 1)) - 1)``: the same two ends, with the middle blocks dropped less than under ``"linear"``.
+``max_drop * (e^(i ln 2 / (L - 1)) - 1)``: the same two ends, with the middle blocks dropped
+less than under ``"linear"``.
 """
 
 from __future__ import annotations
