@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import _quiet_torch  # noqa: F401 - first: torch imported without its NumPy warning
 from .api import find_residuals, inject_droppath
 from .control import DropPathScheduler, injected_blocks, remove_droppath, set_drop_rates
 from .errors import DropPathInjectError, DropPathWarning, ExampleInputError, VerificationError
