@@ -15,6 +15,7 @@ from torch import nn
 
 from droppath_inject.cli import checkpoints, main
 from droppath_inject.cli.arguments import ExitCode
+from droppath_inject.cli.sources import SourceKind, Spec, parse_source
 
 
 class TokenModel(nn.Module):
@@ -251,3 +252,20 @@ def test_without_numpy_an_error_is_still_one_line(tmp_path: Path) -> None:
     assert result.returncode == ExitCode.SOURCE
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith(ERROR_PREFIX)
+
+
+# --- SOURCE parsed once ------------------------------------------------------------------------
+
+
+def test_source_is_parsed_once_into_one_value() -> None:
+    spec = parse_source("timm:resnet18", arch=None, weights=Path("w.pt"), trust_pickle=False)
+    assert spec.kind is SourceKind.SPEC and spec.spec == Spec("timm", "resnet18")
+    assert spec.input_files == [Path("w.pt")]
+    assert spec.default_output() == Path("resnet18_droppath.pt")
+    state = parse_source("d/w.pt", arch="torchvision:resnet18", weights=None, trust_pickle=False)
+    assert state.kind is SourceKind.STATE_DICT and state.input_files == [Path("d/w.pt")]
+    assert state.default_output() == Path("d/w_droppath.pt")
+    model = parse_source("m.pt", arch=None, weights=None, trust_pickle=True)
+    assert model.kind is SourceKind.MODEL_FILE and model.spec is None
+    with pytest.raises(ValueError, match="--arch goes with a state_dict SOURCE"):
+        parse_source("timm:resnet18", arch="timm:resnet18", weights=None, trust_pickle=False)
