@@ -9,7 +9,7 @@ seeds. Each DropPath setting is compared with the baseline by a paired t-test ov
 the p-values are corrected for the table's comparisons (Holm-Bonferroni) and the verdict says
 "no significant difference" unless the corrected p < 0.05.
 
-    python examples/digits_experiment.py              # the docs table, about 5 min on 1 core
+    python examples/digits_experiment.py              # the docs table, 5 to 16 min of CPU on 1 core
     python examples/digits_experiment.py --smoke      # a few seconds
 """
 
