@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import _quiet_torch  # noqa: F401 - first: torch imported without its NumPy warning
 from .api import find_residuals, inject_droppath
 from .attach import AttachKind
 from .control import DropPathScheduler, injected_blocks, remove_droppath, set_drop_rates

@@ -24,6 +24,14 @@ class NoResidualError(DropPathInjectError):
     """The command line found no residual site to give a DropPath, so it wrote nothing."""
 
 
+class SourceError(DropPathInjectError):
+    """The command line cannot read or build the model it was given."""
+
+
+class OutputError(DropPathInjectError):
+    """The command line cannot, or must not, write an output file."""
+
+
 class DropPathWarning(UserWarning):
     """Injection did little: no residual site was found, or some got no DropPath."""
 

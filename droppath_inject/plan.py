@@ -45,7 +45,7 @@ def _capture(model: nn.Module, inputs: ExampleInputs) -> CapturedRun:
             return capture(model, (inputs.args, dict(inputs.kwargs)))
     except Exception as error:
         raise ExampleInputError(
-            f"{type(model).__name__} failed on the example input {inputs.describe()} "
+            f"{type(model).__name__} failed on the example input {inputs.describe(origin=True)} "
             f"({type(error).__name__}: {error}); pass example_inputs that fit the model"
         ) from error
 

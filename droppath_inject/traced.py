@@ -223,7 +223,7 @@ def _reference_run(
         return run_eval(model, inputs, capture)
     except Exception as error:
         raise ExampleInputError(
-            f"{type(model).__name__} failed on the example input {inputs.describe()} "
+            f"{type(model).__name__} failed on the example input {inputs.describe(origin=True)} "
             f"({type(error).__name__}: {error}); pass example_inputs that fit the model"
         ) from error
 

@@ -198,6 +198,17 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+class _NeverCalled(Exception):
+    """A container without a ``forward`` of its own: its children are traced, nothing is lost."""
+
+
+def is_uncallable_container(module: nn.Module) -> bool:
+    """``nn.ModuleList``, ``nn.ModuleDict`` and any module that does not define ``forward``."""
+    return isinstance(module, (nn.ModuleList, nn.ModuleDict)) or (
+        type(module).forward is nn.Module.forward
+    )
+
+
 def trace_pieces(model: nn.Module) -> tuple[list[TracedPiece], list[UntraceableModule]]:
     """Trace ``model`` whole or, where that fails, its largest traceable submodules.
 
@@ -209,9 +220,12 @@ def trace_pieces(model: nn.Module) -> tuple[list[TracedPiece], list[UntraceableM
 
     def visit(path: str, module: nn.Module) -> None:
         try:
+            if is_uncallable_container(module):
+                raise _NeverCalled  # a ModuleList is indexed or iterated, never called
             pieces.append(TracedPiece(path, trace(module)))
         except Exception as error:  # noqa: BLE001 - any tracer failure: try the children
-            untraceable.append(UntraceableModule(path, _one_line(error)))
+            if not isinstance(error, _NeverCalled):
+                untraceable.append(UntraceableModule(path, _one_line(error)))
             for name, child in module.named_children():
                 visit(f"{path}.{name}" if path else name, child)
 

@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import VerificationError
 from .inputs import ExampleInputs, run_eval
+
+META_DEVICE_FIX = (
+    "eval outputs of a model on the meta device hold no values, so they cannot be compared: "
+    "pass verify=False, or load weights first (model.to_empty(device='cpu'), then "
+    "load_state_dict)"
+)
 
 
 @dataclass(frozen=True)
@@ -32,8 +39,14 @@ class Verification:
 
 
 def outputs_equal(expected: Any, actual: Any) -> bool:
-    """``torch.equal`` through nested tuples, lists and dicts; ``==`` for anything else."""
+    """``torch.equal`` through nested tuples, lists and dicts; ``==`` for anything else.
+
+    Raises:
+        VerificationError: the outputs are meta tensors, which hold no values to compare.
+    """
     if isinstance(expected, Tensor):
+        if expected.is_meta or (isinstance(actual, Tensor) and actual.is_meta):
+            raise VerificationError(META_DEVICE_FIX)
         return (
             isinstance(actual, Tensor)
             and expected.dtype == actual.dtype

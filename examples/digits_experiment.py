@@ -5,10 +5,11 @@ are split once into fixed train and validation halves. A residual MLP is trained
 initialisation and on the same batch order for each seed, once as it is and once per DropPath
 rate injected by ``inject_droppath``; the final validation accuracy and loss and the
 generalization gap (validation loss minus training loss, both in eval mode) are averaged over
-seeds. Each DropPath setting is compared with the baseline by a paired t-test over the seeds,
-and the verdict says "no significant difference" unless p < 0.05.
+seeds. Each DropPath setting is compared with the baseline by a paired t-test over the seeds;
+the p-values are corrected for the table's comparisons (Holm-Bonferroni) and the verdict says
+"no significant difference" unless the corrected p < 0.05.
 
-    python examples/digits_experiment.py              # the README table, about 1-2 min on 2 cores
+    python examples/digits_experiment.py              # the docs table, 5 to 16 min of CPU on 1 core
     python examples/digits_experiment.py --smoke      # a few seconds
 """
 
@@ -130,21 +131,41 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {std:.4f}"
 
 
-def verdict(runs: list[Run], baseline: list[Run], metric: str) -> str:
-    """Paired t-test against the baseline over seeds: mean difference, p-value and verdict."""
+def paired_p(runs: list[Run], baseline: list[Run], metric: str) -> float | None:
+    """Paired t-test p-value over seeds, or None when there is nothing to test."""
     ours, theirs = [getattr(r, metric) for r in runs], [getattr(b, metric) for b in baseline]
-    mean_diff = statistics.mean(ours) - statistics.mean(theirs)
     if len(ours) < 2 or ours == theirs:
+        return None
+    return float(ttest_rel(ours, theirs).pvalue)
+
+
+def holm(pvalues: dict[tuple[float, str], float]) -> dict[tuple[float, str], float]:
+    """Holm-Bonferroni adjusted p-values over every comparison of the table (step-down)."""
+    order = sorted(pvalues, key=lambda key: pvalues[key])
+    adjusted, running = {}, 0.0
+    for rank, key in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * pvalues[key]))
+        adjusted[key] = running
+    return adjusted
+
+
+def verdict(mean_diff: float, p: float | None, adjusted: float | None, metric: str) -> str:
+    """Mean difference, raw and Holm-adjusted p, and the verdict at adjusted p < 0.05."""
+    if p is None or adjusted is None:
         return f"{mean_diff:+.4f} (no test: too few seeds or identical runs)"
-    p = float(ttest_rel(ours, theirs).pvalue)
-    if p >= 0.05:
-        return f"{mean_diff:+.4f} (p = {p:.3f}, no significant difference)"
+    tested = f"{mean_diff:+.4f} (p = {p:.3f}, Holm {adjusted:.3f}"
+    if adjusted >= 0.05:
+        return f"{tested}: no significant difference)"
     better = (mean_diff > 0) == (metric in HIGHER_IS_BETTER)
-    return f"{mean_diff:+.4f} (p = {p:.3f}, significantly {'better' if better else 'worse'})"
+    return f"{tested}: significantly {'better' if better else 'worse'})"
+
+
+COMPARED = ("val_acc", "val_loss", "gap")
 
 
 def table(results: dict[float, list[Run]]) -> str:
-    """Markdown tables: metrics by setting, then each setting's paired difference to baseline."""
+    """Markdown tables: metrics by setting, then each setting's paired difference to baseline,
+    its p-value corrected (Holm) for all the comparisons in the table."""
     lines = [
         "| max_drop | val accuracy | val loss | train loss | gap (val - train loss) |",
         "| --- | --- | --- | --- | --- |",
@@ -153,6 +174,9 @@ def table(results: dict[float, list[Run]]) -> str:
         cells = [mean_std([getattr(r, m) for r in runs]) for m in METRICS]
         lines.append(f"| {max_drop:g} | " + " | ".join(cells) + " |")
     baseline = results[0.0]
+    compared = [(d, m) for d in results if d > 0 for m in COMPARED]
+    raw = {key: paired_p(results[key[0]], baseline, key[1]) for key in compared}
+    adjusted = holm({key: p for key, p in raw.items() if p is not None})
     lines += [
         "",
         "| vs. baseline | Δ val accuracy | Δ val loss | Δ gap |",
@@ -160,7 +184,13 @@ def table(results: dict[float, list[Run]]) -> str:
     ]
     for max_drop, runs in results.items():
         if max_drop > 0:
-            cells = [verdict(runs, baseline, m) for m in ("val_acc", "val_loss", "gap")]
+            cells = []
+            for metric in COMPARED:
+                diff = statistics.mean(getattr(r, metric) for r in runs) - statistics.mean(
+                    getattr(b, metric) for b in baseline
+                )
+                key = (max_drop, metric)
+                cells.append(verdict(diff, raw[key], adjusted.get(key), metric))
             lines.append(f"| {max_drop:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -168,7 +198,7 @@ def table(results: dict[float, list[Run]]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-drops", type=float, nargs="+", default=[0.1, 0.2])
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
+    parser.add_argument("--seeds", type=int, default=20, help="seeds 0 .. N-1")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--depth", type=int, default=8, help="residual blocks")
     parser.add_argument("--width", type=int, default=64)

@@ -6,6 +6,7 @@ torchvision directly, not by the example's own code.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -88,3 +89,21 @@ def test_digits_experiment(tmp_path: Path) -> None:
     for r in runs:
         assert 0.0 <= r["val_acc"] <= 1.0
         assert r["gap"] == pytest.approx(r["val_loss"] - r["train_loss"])
+
+
+def test_digits_p_values_are_corrected_for_multiple_comparisons(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Holm-Bonferroni over the table's comparisons: a lone p = 0.049 among six is not a find."""
+    pytest.importorskip("sklearn")
+    path = Path(__file__).parent.parent / "examples" / "digits_experiment.py"
+    spec = importlib.util.spec_from_file_location("digits_experiment", path)
+    assert spec is not None and spec.loader is not None
+    digits = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "digits_experiment", digits)  # for its dataclasses
+    spec.loader.exec_module(digits)
+    raw = {(0.1, "a"): 0.01, (0.1, "b"): 0.04, (0.2, "a"): 0.03}
+    expected = {(0.1, "a"): 0.03, (0.2, "a"): 0.06, (0.1, "b"): 0.06}
+    assert digits.holm(raw) == pytest.approx(expected)
+    text = digits.verdict(-0.0047, 0.049, 0.294, "val_acc")
+    assert "Holm 0.294: no significant difference" in text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from droppath_inject.writing import OutputError, atomic_output, check_output, write_text
+from droppath_inject.cli.writing import OutputError, atomic_output, check_output, write_text
 
 
 def test_failure_inside_the_block_leaves_nothing(tmp_path: Path) -> None:

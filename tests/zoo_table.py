@@ -1,4 +1,4 @@
-"""Print the README's model-zoo table: ``python tests/zoo_table.py`` (a minute or two).
+"""Print the model-zoo table of docs/EXPERIMENTS.md: ``python tests/zoo_table.py`` (a minute).
 
 Each row injects one zoo model exactly as tests/test_zoo.py does and states the ground truth
 it is compared with; the tests are what assert it.

@@ -9,11 +9,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import DropPathInjectError
-
-
-class OutputError(DropPathInjectError):
-    """An output file cannot, or must not, be written."""
+from ..errors import OutputError
 
 
 def _same_file(a: Path, b: Path) -> bool:
