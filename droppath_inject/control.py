@@ -12,6 +12,7 @@ from torch import nn
 from .apply import detach, scheduled_drop_paths
 from .droppaths import set_drop_path_rate
 from .errors import DropPathInjectError
+from .layer_drop import remove_layer_drop
 from .schedule import Schedule, drop_rates
 from .surgery import InjectedBlock, restore_original
 
@@ -104,6 +105,7 @@ def remove_droppath(model: nn.Module) -> nn.Module:
         DropPathInjectError: the model holds no injected DropPath.
     """
     _require_injected(model)
+    remove_layer_drop(model)
     detach(model)
     while blocks := injected_blocks(model):
         path, block = blocks[0]

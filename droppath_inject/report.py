@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from .granularity import LayerDropReport
 from .skipping import SkipPlan
 from .verify import Verification
 
@@ -82,6 +83,7 @@ class Report:
     skipped: list[Skipped] = field(default_factory=list)
     num_blocks: int = 0
     verification: Verification | None = None
+    layer_drop: LayerDropReport | None = None  # granularity="block": each block's handling
 
     @property
     def injected(self) -> list[Site]:
@@ -109,8 +111,21 @@ class Report:
         if self.skipped:
             lines.append(f"{len(self.skipped)} modules left untouched:")
             lines += [f"  {s.module or '<model>'}: {s.reason}" for s in self.skipped]
+        if self.layer_drop is not None:
+            lines.append(self._layer_drop_lines(self.layer_drop))
         if self.verification is not None:
             lines.append(f"verification: {self.verification.describe()}")
+        return "\n".join(lines)
+
+    @staticmethod
+    def _layer_drop_lines(layer_drop: LayerDropReport) -> str:
+        counts = ", ".join(
+            f"{sum(b.handling is h for b in layer_drop.blocks)} {h.value}"
+            for h in dict.fromkeys(b.handling for b in layer_drop.blocks)
+        )
+        lines = [f"granularity {layer_drop.granularity.value}: {counts}"]
+        lines += [f"  block {b.block_index} ({b.module}): {b.reason}" for b in layer_drop.blocks
+                  if b.reason]  # fmt: skip
         return "\n".join(lines)
 
     def __str__(self) -> str:
