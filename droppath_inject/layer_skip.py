@@ -114,8 +114,9 @@ class LayerSkip:
         self.batch_norms = batch_norms
         self.gather_batch_norm = gather_batch_norm
         self.structure: int | None | bool = False  # False: not seen yet
-        self.skipped_calls = 0
-        self.masked_calls = 0
+        self.skipped_calls = 0  # training calls that did not run the block
+        self.gathered_calls = 0  # training calls that ran it on some rows only
+        self.masked_calls = 0  # training calls that had to run masked (``last_refusal``)
         self.last_refusal = ""
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
@@ -148,6 +149,7 @@ class LayerSkip:
         scale = self.gate.scale
         if not self.module.training or scale is None or not args:
             return self._full(args, kwargs)
+        self._check_wrappers()
         hidden = args[0]
         if self.structure is True or self.structure is False or not isinstance(hidden, Tensor):
             return self._full(args, kwargs)
@@ -157,7 +159,9 @@ class LayerSkip:
             return self._wrap(self._skipped(hidden))
         return self._rows(hidden, scale, args, kwargs)
 
-    def _skipped(self, hidden: Tensor) -> Tensor:
+    def _check_wrappers(self) -> None:
+        """Raise where skipping would leave ranks in different collectives. Checked on every
+        training call, skipped or not, so that every rank raises at the same call."""
         inner = _fsdp_inner(self.module)
         if inner is not None:
             raise DropPathInjectError(
@@ -165,6 +169,8 @@ class LayerSkip:
                 "is sharded by fully_shard on its own and would not be gathered on this rank "
                 "while others gather it; fully_shard the whole block, or pass skip_compute=False"
             )
+
+    def _skipped(self, hidden: Tensor) -> Tensor:
         self.skipped_calls += 1
         zero = _zero_term(self.module)
         return hidden.clone() if zero is None else hidden + zero.to(hidden.dtype)
@@ -199,6 +205,7 @@ class LayerSkip:
         except Refused as refusal:
             self._refuse(str(refusal))
             return self._full(args, kwargs)
+        self.gathered_calls += 1
         self.gate.scale = scale.index_select(0, kept)  # what the block's DropPaths now see
         output = self.run(*inner_args, **inner_kwargs)
         kept_out = output if isinstance(output, Tensor) else output[0]
