@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import pickle
 import warnings
 from typing import Any
 
@@ -216,6 +217,7 @@ def test_rates_scheduler_and_removal() -> None:
     out, grads = train_step(model, inputs, 1)
     expected, expected_grads = train_step(original, inputs, 1)
     assert torch.equal(out, expected)
+    assert b"droppath_inject" not in pickle.dumps(model)  # no trace of the package is left
 
 
 def test_gradient_checkpointing_recomputes_the_same_decision() -> None:
