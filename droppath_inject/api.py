@@ -22,7 +22,7 @@ from .droppaths import drop_path_rate_of
 from .errors import DropPathInjectError, DropPathWarning, VerificationError
 from .granularity import Granularity, GranularityName
 from .inputs import ExampleInputs, resolve_inputs, run_eval
-from .layer_drop import BlockDrops
+from .layer_drop import BlockDrops, check_same_granularity
 from .layers import DropPath, Mode, check_mode
 from .plan import Plan, make_plan, site_report
 from .report import Report, Site, SiteStatus
@@ -213,6 +213,7 @@ def inject_droppath(
     by_block = Granularity.parse(granularity) is Granularity.BLOCK
     traced = skip_compute and not by_block
     _check_same_kind(model, traced)
+    check_same_granularity(model, by_block, skip_compute)
     with _garbage_collection_paused():
         if traced:
             rewrite = Rewrite(mode, skip_compute, gather_batch_norm)

@@ -40,8 +40,9 @@ class LayerGate:
     ``members`` are the block's DropPaths, whose common rate the gate draws at.
     """
 
-    def __init__(self, mode: Mode) -> None:
+    def __init__(self, mode: Mode, skip_compute: bool = False) -> None:
         self.mode = mode
+        self.skip_compute = skip_compute  # how the injection that made it was asked to run
         self.members: list[BlockDropPath] = []
         self.scale: Tensor | None = None
 

@@ -19,6 +19,7 @@ from torch import fx, nn
 from .apply import Attacher
 from .attach import AttachKind, Attachment
 from .block_gate import BlockDropPath, LayerGate
+from .errors import DropPathInjectError
 from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropReport
 from .layer_skip import LayerSkip, install, uninstall
 from .layers import DropPath, Mode
@@ -150,7 +151,7 @@ class BlockDrops:
     def _gate(self, attacher: Attacher, block: _Block) -> LayerGate:
         assert block.module is not None
         module = self.model.get_submodule(block.module)
-        gate = LayerGate(self.mode)
+        gate = LayerGate(self.mode, self.skip_compute)
         handle = module.register_forward_pre_hook(gate, with_kwargs=True)
         if block.handling is BlockHandling.SKIPPED:
             install(module, gate, block.batch_norms, self.gather_batch_norm)
@@ -170,6 +171,32 @@ class BlockDrops:
             for b in sorted(self.blocks.values(), key=lambda b: b.index)
         ]
         return LayerDropReport(Granularity.BLOCK, self.skip_compute, blocks)
+
+
+def gates_of(model: nn.Module) -> list[LayerGate]:
+    """The block gates in ``model``."""
+    return [
+        hook
+        for module in model.modules()
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, LayerGate)
+    ]
+
+
+def check_same_granularity(model: nn.Module, by_block: bool, skip_compute: bool) -> None:
+    """A second call re-rates what the first placed: it cannot switch granularity or, under
+    block granularity, ``skip_compute``."""
+    gates = gates_of(model)
+    if not gates:
+        return
+    before = gates[0].skip_compute
+    if not by_block or before != skip_compute:
+        raise DropPathInjectError(
+            f"{type(model).__name__} was injected with granularity='block', "
+            f"skip_compute={before}; this call asks for granularity="
+            f"{'block' if by_block else 'branch'!r}, skip_compute={skip_compute}: call "
+            "remove_droppath(model) first"
+        )
 
 
 def remove_layer_drop(model: nn.Module) -> int:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from droppath_inject import (
+    DropPathInjectError,
     DropPathScheduler,
     DropPathWarning,
     inject_droppath,
@@ -261,3 +262,15 @@ def test_report_says_granularity_and_branch_default_is_unchanged() -> None:
     assert injected_blocks(traced)  # the symbolic pipeline, as before
     with pytest.raises(ValueError, match="granularity"):
         inject(copy.deepcopy(model), inputs, granularity="layer")
+
+
+def test_second_call_re_rates_and_cannot_switch() -> None:
+    model, inputs = ldm.build("gpt2")
+    model, _ = inject(model, inputs, skip_compute=True, schedule="linear", max_drop=0.3)
+    model, report = inject(model, inputs, skip_compute=True, schedule="linear", max_drop=0.6)
+    assert {s.status.value for s in report.sites} == {"re-rated"}
+    assert len(gates(model)) == len(skips_of(model)) == ldm.LAYERS
+    assert max(g.drop_prob for g in gates(model).values()) == pytest.approx(0.6)
+    for options in ({"skip_compute": False}, {"granularity": "branch"}):
+        with pytest.raises(DropPathInjectError, match="remove_droppath"):
+            inject(model, inputs, **{"skip_compute": True, **options})
