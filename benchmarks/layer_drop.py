@@ -104,10 +104,15 @@ def _flops(step: Callable[[int], None], seed: int) -> int:
     return int(counter.get_total_flops())
 
 
-def _seconds(step: Callable[[int], None], seed: int) -> float:
-    start = time.perf_counter()
-    step(seed)
-    return time.perf_counter() - start
+def _seconds(step: Callable[[int], None], seed: int, tries: int) -> float:
+    """The fastest of ``tries`` runs of the same seeded step (the same work each time): other
+    jobs on a shared CPU only ever add time."""
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        step(seed)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ class Row:
     skipping: str  # blocks that skip / blocks
 
 
-def measure(case: Case, reps: int, warmup: int) -> Row:
+def measure(case: Case, reps: int, warmup: int, tries: int) -> Row:
     torch.manual_seed(0)
     base, inputs = BUILDERS[case.model](case)
     steps = {}
@@ -146,7 +151,7 @@ def measure(case: Case, reps: int, warmup: int) -> Row:
     for seed in range(reps):
         order = VARIANTS[seed % 3 :] + VARIANTS[: seed % 3]
         for variant in order:
-            times[variant].append(_seconds(steps[variant], seed))
+            times[variant].append(_seconds(steps[variant], seed, tries))
         for variant in flops:
             flops[variant].append(_flops(steps[variant], seed))
     per = [a / b for a, b in zip(times["skip"], times["mask"], strict=True)]
@@ -159,7 +164,7 @@ def measure(case: Case, reps: int, warmup: int) -> Row:
     return Row(case, none_ms, Stat.of(per), Stat.of(per_none), Stat.of(ideal), share, skipping)
 
 
-def render(rows: Sequence[Row], threads: int, reps: int) -> str:
+def render(rows: Sequence[Row], threads: int, reps: int, tries: int) -> str:
     cpu = platform.processor() or platform.machine()
     lines = [
         BEGIN,
@@ -172,7 +177,8 @@ def render(rows: Sequence[Row], threads: int, reps: int) -> str:
         f"torch {torch.__version__}. No GPU was lent to this run, so there are no GPU rows.",
         '- train step: forward, backward, AdamW; `inject_droppath(granularity="block")`, '
         f"linear schedule; {reps} seeded steps per variant after a warm-up, the three variants "
-        "interleaved and under the same seed (mask and skip drop the same layers).",
+        "interleaved and under the same seed (mask and skip drop the same layers); each time is "
+        f"the fastest of {tries} runs of that same seeded step (other jobs only add time).",
         "- *ideal*: executed FLOPs of the skipping step / the no-drop step "
         "(`torch.utils.flop_counter`, same seeds; the mask executes every FLOP); *share of "
         "ideal saving*: (1 - Σ skip time / Σ no-drop time) / (1 - Σ skip FLOPs / Σ no-drop "
@@ -194,6 +200,19 @@ def render(rows: Sequence[Row], threads: int, reps: int) -> str:
             f"{row.none_ms.format(1)} | {row.ideal.format()} | {row.skip_over_none.format()} | "
             f"{row.skip_over_mask.format()} | {row.share:.2f} |"
         )
+    met = sum(row.share >= 0.9 for row in rows)
+    lines += [
+        "",
+        f"{met} of {len(rows)} rows reach 0.9 of the ideal saving. Each mode skips every block "
+        "the graph proves skippable; the time ratios scatter widely because the two cores are "
+        "shared with other jobs (the same no-drop step ranges over tens of percent), and at "
+        "`max_drop=0.2` the ideal saving is a few percent, within that noise. The FLOP count "
+        "leaves out elementwise work and the AdamW step, which a skipped layer does not remove "
+        "(every parameter still gets a gradient), so the ideal overstates the time that can be "
+        "saved. What skipping "
+        "costs beyond the skipped FLOPs: a zero-gradient term per skipped layer (and its zero "
+        "gradients), and in row mode the gathers, the `index_copy` and smaller matmuls.",
+    ]
     return "\n".join([*lines, END]) + "\n"
 
 
@@ -210,16 +229,20 @@ def write_section(section: str, path: Path = RESULTS) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.layer_drop", description=__doc__)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--tries", type=int, default=3, help="runs per timed step; fastest kept")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few seconds")
     parser.add_argument("--write", action="store_true", help=f"update {RESULTS.name}")
     parser.add_argument("--only", default="", help="run only the cases of this model")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases, reps, warmup = (SMOKE_CASES, 2, 1) if args.smoke else (CASES, args.reps, 2)
+    cases, reps, warmup, tries = (
+        (SMOKE_CASES, 2, 1, 1) if args.smoke else (CASES, args.reps, 2, args.tries)
+    )
     cases = tuple(c for c in cases if not args.only or c.model == args.only)
-    section = render([measure(case, reps, warmup) for case in cases], args.threads, reps)
+    rows = [measure(case, reps, warmup, tries) for case in cases]
+    section = render(rows, args.threads, reps, tries)
     print(section)
     if args.write and not args.smoke:
         write_section(section)
