@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .api import find_residuals, inject_droppath
 from .control import DropPathScheduler, injected_blocks, remove_droppath, set_drop_rates
 from .errors import DropPathInjectError, DropPathWarning, ExampleInputError, VerificationError
+from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropReport
 from .layers import DropPath, drop_path
 from .report import Report, Site, SiteStatus, Skipped
 from .schedule import drop_rates
@@ -17,6 +18,10 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
     __version__ = "0+unknown"
 
 __all__ = [
+    "BlockHandling",
+    "BlockLayerDrop",
+    "Granularity",
+    "LayerDropReport",
     "DropPath",
     "DropPathScheduler",
     "DropPathInjectError",
