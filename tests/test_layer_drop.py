@@ -274,3 +274,21 @@ def test_second_call_re_rates_and_cannot_switch() -> None:
     for options in ({"skip_compute": False}, {"granularity": "branch"}):
         with pytest.raises(DropPathInjectError, match="remove_droppath"):
             inject(model, inputs, **{"skip_compute": True, **options})
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+@pytest.mark.parametrize("family", ["llama", "timm_vit"])
+def test_skip_matches_mask_under_bf16_autocast(family: str, mode: str) -> None:
+    model, inputs = ldm.build(family)
+    if family == "llama":
+        inputs = {**inputs, "use_cache": False}
+    results = []
+    for skip in (False, True):
+        injected, _ = inject(copy.deepcopy(model), inputs, mode=mode, skip_compute=skip)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(train_step(injected, inputs, 3))
+    (expected, expected_grads), (out, grads) = results
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-5, atol=1e-6)
