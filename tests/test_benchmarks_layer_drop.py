@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from benchmarks.layer_drop import BEGIN, END, write_section
-
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def layer_drop(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``benchmarks.layer_drop``, importable from the repository root (it is not installed)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    return importlib.import_module("benchmarks.layer_drop")
 
 
 @pytest.mark.slow
@@ -33,7 +40,10 @@ def test_layer_drop_benchmark_smoke_prints_ideal_and_measured_ratios() -> None:
         assert 0 < float(cells[6].split()[0]) < 1  # at max_drop 0.5 some layer was skipped
 
 
-def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
+def test_write_section_replaces_only_its_own_section(
+    tmp_path: Path, layer_drop: ModuleType
+) -> None:
+    BEGIN, END, write_section = layer_drop.BEGIN, layer_drop.END, layer_drop.write_section
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmarks\n\nfigure 1\n")
     write_section(f"{BEGIN}\nfirst\n{END}\n", results)
