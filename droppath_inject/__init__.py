@@ -14,6 +14,7 @@ from .errors import (
     ExampleInputError,
     VerificationError,
 )
+from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropReport
 from .layers import DropPath, drop_path
 from .report import Report, Site, SiteStatus, Skipped
 from .schedule import drop_rates
@@ -21,8 +22,12 @@ from .version import __version__
 
 __all__ = [
     "AttachKind",
+    "BlockHandling",
+    "BlockLayerDrop",
     "Curriculum",
     "CurriculumError",
+    "Granularity",
+    "LayerDropReport",
     "DropPath",
     "DropPathScheduler",
     "DropPathInjectError",

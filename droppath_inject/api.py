@@ -19,7 +19,9 @@ from torch import nn
 from .apply import Attacher, scheduled_drop_paths
 from .attach import Attachment
 from .errors import DropPathInjectError, DropPathWarning, VerificationError
+from .granularity import Granularity, GranularityName
 from .inputs import ExampleInputs, resolve_inputs, run_eval
+from .layer_drop import BlockDrops, check_same_granularity
 from .layers import DropPath, Mode, check_mode
 from .plan import Plan, PlannedSite, dry_sites, make_plan, site_report
 from .report import Parameters, Report, Site, SiteStatus
@@ -112,6 +114,7 @@ def inject_droppath(
     existing: Existing = ...,
     skip_compute: bool = ...,
     gather_batch_norm: bool = ...,
+    granularity: GranularityName = ...,
     return_report: Literal[False] = ...,
 ) -> nn.Module: ...
 
@@ -128,6 +131,7 @@ def inject_droppath(
     existing: Existing = ...,
     skip_compute: bool = ...,
     gather_batch_norm: bool = ...,
+    granularity: GranularityName = ...,
     return_report: Literal[True],
 ) -> tuple[nn.Module, Report]: ...
 
@@ -143,6 +147,7 @@ def inject_droppath(
     existing: Existing = "rerate",
     skip_compute: bool = False,
     gather_batch_norm: bool = False,
+    granularity: GranularityName = "branch",
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, Report]:
     """Put DropPath on every residual branch of ``model``, in place, and return the model.
@@ -171,6 +176,10 @@ def inject_droppath(
             then rewritten from symbolic traces.
         gather_batch_norm: with ``skip_compute`` in row mode, accept BatchNorm statistics of
             the kept samples only.
+        granularity: ``"branch"`` (one decision per residual branch) or ``"block"`` (the
+            branches of one block share one decision, as LayerDrop drops whole layers; with
+            ``skip_compute`` a dropped block is not run, on the captured path, see
+            ``droppath_inject.layer_drop``).
         return_report: also return the ``Report``.
 
     Returns:
@@ -190,15 +199,27 @@ def inject_droppath(
         8
     """
     _check_arguments(max_drop, schedule, mode, existing)
-    _check_same_kind(model, skip_compute)
+    by_block = Granularity.parse(granularity) is Granularity.BLOCK
+    traced = skip_compute and not by_block
+    _check_same_kind(model, traced)
+    check_same_granularity(model, by_block, skip_compute)
     with _garbage_collection_paused():
-        if skip_compute:
+        if traced:
             rewrite = Rewrite(mode, skip_compute, gather_batch_norm)
             report = inject_traced(model, max_drop, schedule, example_inputs, verify, rewrite)
         else:
-            report = _inject(model, max_drop, schedule, mode, example_inputs, verify, existing)
+            blocks = (skip_compute, gather_batch_norm) if by_block else None
+            report = _inject(
+                model, max_drop, schedule, mode, example_inputs, verify, existing, blocks
+            )
     report.parameters = Parameters(
-        max_drop, schedule_name(schedule), mode, existing, skip_compute, gather_batch_norm
+        max_drop,
+        schedule_name(schedule),
+        mode,
+        existing,
+        skip_compute,
+        gather_batch_norm,
+        Granularity.parse(granularity).value,
     )
     _warn_if_little_happened(model, report)
     return (model, report) if return_report else model
@@ -225,16 +246,21 @@ def _inject(
     example_inputs: Any,
     verify: bool,
     existing: str,
+    by_block: tuple[bool, bool] | None = None,
 ) -> Report:
-    """Capture, plan, attach, verify; every change is undone if any step fails."""
+    """Capture, plan, attach, verify; every change is undone if any step fails.
+
+    ``by_block`` is ``(skip_compute, gather_batch_norm)`` under block granularity."""
     inputs = resolve_inputs(model, example_inputs, required=True)
     assert inputs is not None
     plan = make_plan(model, inputs)
     rates = drop_rates(plan.num_blocks, max_drop, schedule)
-    attacher = Attacher(model, mode, rerate_existing=existing == "rerate")
+    blocks = None if by_block is None else BlockDrops(model, plan, mode, *by_block)
+    attacher = Attacher(model, mode, rerate_existing=existing == "rerate", make_drop=blocks)
     try:
         sites = _attach_all(plan, rates, attacher)
         report = Report(sites, [], plan.num_blocks)
+        report.layer_drop = None if blocks is None else blocks.report()
         if verify:
             report.verification = _verify(model, plan, rates, attacher, inputs)
     except BaseException:

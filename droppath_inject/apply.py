@@ -96,6 +96,7 @@ class Attacher:
     model: nn.Module
     mode: Mode
     rerate_existing: bool = True
+    make_drop: Callable[[Attacher, float, tuple[int, int]], DropPath] | None = None
     _undo: list[Callable[[], None]] = field(default_factory=list)
     _done: dict[str, Outcome] = field(default_factory=dict)
 
@@ -110,7 +111,11 @@ class Attacher:
         if attachment.kind is AttachKind.EXISTING:
             outcome = self._existing(attachment.module, rate, place)
         else:
-            drop = DropPath(rate, self.mode)
+            drop = (
+                DropPath(rate, self.mode)
+                if self.make_drop is None
+                else self.make_drop(self, rate, place)
+            )
             _set_placement(drop, Placement(*place, attachment.kind))
             if attachment.kind is AttachKind.SLOT:
                 slot = self.model.get_submodule(attachment.module)
@@ -173,6 +178,10 @@ class Attacher:
 
         self._undo.append(undo)
         return Outcome(SiteStatus.RE_RATED, rate, previous)
+
+    def on_undo(self, step: Callable[[], None]) -> None:
+        """Have ``undo`` run ``step`` too (in reverse order with the attacher's own changes)."""
+        self._undo.append(step)
 
     def undo(self) -> None:
         """Undo every change, last first."""

@@ -9,7 +9,9 @@ and global module hooks record which module call each op happens in. The result 
   one entry per module *call*, so the iterations of a loop are told apart;
 - ``meta["tensor_meta"]``: a ``TensorShape`` for nodes that produce tensors;
 - ``meta["module_outputs"]``: the ``ModuleOutput`` entries of module calls that returned
-  this node's tensor, innermost first (a ``nn.Identity`` returns its input's node).
+  this node's tensor, innermost first (a ``nn.Identity`` returns its input's node);
+- ``meta["module_first_inputs"]``: the ``ModuleCall`` entries whose first positional argument
+  was this node's tensor.
 
 Shape unpacking, ``len()``, einops, ``**kwargs``, ``None`` arguments and value-dependent
 branches all simply run; the graph holds the path the example took.
@@ -228,6 +230,9 @@ class _Recorder(TorchFunctionMode):
             return
         call = ModuleCall(path, self.call_counts[path])
         self.call_counts[path] += 1
+        entry = self._nodes.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
+        if entry is not None and entry[0]() is args[0]:  # what skipping a block returns instead
+            entry[1].meta.setdefault("module_first_inputs", []).append(call)
         self._stack.append((call, path))
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:

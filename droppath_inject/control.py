@@ -13,6 +13,7 @@ from .apply import detach, scheduled_drop_paths
 from .curricula import Curriculum, span
 from .droppaths import set_drop_path_rate
 from .errors import DropPathInjectError
+from .layer_drop import remove_layer_drop
 from .schedule import Schedule, check_rate, drop_rates
 from .surgery import InjectedBlock, restore_original
 
@@ -140,6 +141,7 @@ def remove_droppath(model: nn.Module) -> nn.Module:
         False
     """
     _require_injected(model)
+    remove_layer_drop(model)
     detach(model)
     while blocks := injected_blocks(model):
         path, block = blocks[0]

@@ -7,6 +7,7 @@ from enum import Enum
 from typing import Any
 
 from .attach import AttachKind
+from .granularity import LayerDropReport
 from .skipping import SkipPlan
 from .verify import Verification
 from .version import __version__
@@ -90,6 +91,7 @@ class Parameters:
     existing: str
     skip_compute: bool = False
     gather_batch_norm: bool = False
+    granularity: str = "branch"
 
 
 @dataclass
@@ -114,6 +116,7 @@ class Report:
     skipped: list[Skipped] = field(default_factory=list)
     num_blocks: int = 0
     verification: Verification | None = None
+    layer_drop: LayerDropReport | None = None  # granularity="block": each block's handling
     parameters: Parameters | None = None
 
     @property
@@ -163,8 +166,21 @@ class Report:
         if self.skipped:
             lines.append(f"{len(self.skipped)} modules left untouched:")
             lines += [f"  {s.module or '<model>'}: {s.reason}" for s in self.skipped]
+        if self.layer_drop is not None:
+            lines.append(self._layer_drop_lines(self.layer_drop))
         if self.verification is not None:
             lines.append(f"verification: {self.verification.describe()}")
+        return "\n".join(lines)
+
+    @staticmethod
+    def _layer_drop_lines(layer_drop: LayerDropReport) -> str:
+        counts = ", ".join(
+            f"{sum(b.handling is h for b in layer_drop.blocks)} {h.value}"
+            for h in dict.fromkeys(b.handling for b in layer_drop.blocks)
+        )
+        lines = [f"granularity {layer_drop.granularity.value}: {counts}"]
+        lines += [f"  block {b.block_index} ({b.module}): {b.reason}" for b in layer_drop.blocks
+                  if b.reason]  # fmt: skip
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -111,6 +111,7 @@ def test_report_renders_sites_and_serialises() -> None:
         "existing": "rerate",
         "skip_compute": False,
         "gather_batch_norm": False,
+        "granularity": "branch",
     }
 
 

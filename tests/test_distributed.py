@@ -1,22 +1,19 @@
 """Distributed training of injected models: DDP and FSDP2 over gloo, two real CPU processes.
 
-``ddp_worker.py`` runs as two ranks; each saves its final parameters and every keep decision
-its DropPath modules made. References: the other rank, and the same training replayed in this
-process with each rank's seed and data and averaged gradients.
+``helpers/droppath_scenarios.py`` runs as two ranks (``helpers.distributed.launch``); each
+returns its final parameters and every keep decision its DropPath modules made. References:
+the other rank, and the same training replayed in this process with each rank's seed and data
+and averaged gradients.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
-import ddp_worker
 import pytest
 import torch
+from helpers import droppath_scenarios as ddp_worker
+from helpers.distributed import LaunchError, launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
@@ -24,44 +21,13 @@ WORLD_SIZE = 2
 TIMEOUT_S = 300  # a hung collective fails the test instead of hanging CI
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Run ``ddp_worker.py`` as two gloo ranks; each rank's results by scenario."""
-    out_dir = tmp_path_factory.mktemp("ddp")
-    worker = Path(__file__).with_name("ddp_worker.py")
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(rank), str(WORLD_SIZE), str(port), str(out_dir)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for rank in range(WORLD_SIZE)
-    ]
-    errors = []
+def ranks() -> list[dict[str, Any]]:
+    """Run ``helpers/droppath_scenarios.py`` as two gloo ranks; each rank's results."""
     try:
-        for rank, process in enumerate(processes):
-            _, stderr = process.communicate(timeout=TIMEOUT_S)
-            if process.returncode != 0:
-                errors.append(f"rank {rank} exited with {process.returncode}:\n{stderr}")
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s (a hung collective?)")
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    assert not errors, "\n".join(errors)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+        return launch("droppath_scenarios", WORLD_SIZE, TIMEOUT_S)
+    except LaunchError as error:
+        pytest.fail(str(error))
 
 
 def scenario_results(

@@ -26,19 +26,14 @@ from __future__ import annotations
 import copy
 import functools
 import io
-import json
-import os
-import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 import torch
 from helpers import synthetic_models as sm
+from helpers.distributed import launch
 from torch import Tensor, nn
 
 from droppath_inject import (
@@ -847,40 +842,10 @@ def test_copies_behave_alike(copier: Callable[[nn.Module], nn.Module], mode: str
 # --- 5. DistributedDataParallel ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @functools.cache
 def _ddp_results() -> tuple[dict[str, Any], ...]:
-    """Run ``skip_ddp_worker.py`` as two gloo ranks; each rank's JSON result."""
-    worker = Path(__file__).with_name("skip_ddp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
-    port = _free_port()
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(rank), "2", str(port)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for rank in range(2)
-    ]
-    results = []
-    try:
-        for rank in ranks:
-            out, err = rank.communicate(timeout=90)
-            assert rank.returncode == 0, err[-3000:]
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for rank in ranks:
-            if rank.poll() is None:
-                rank.kill()
-                rank.wait()
-    return tuple(results)
+    """Run ``helpers/skip_ddp_scenarios.py`` as two gloo ranks; each rank's results."""
+    return tuple(launch("skip_ddp_scenarios", world_size=2, timeout_s=90))
 
 
 @pytest.mark.slow

@@ -1,25 +1,21 @@
-"""One rank of the distributed training checks in ``test_distributed.py``.
+"""The scenarios of the distributed training checks in ``test_distributed.py``.
 
-Run as ``python ddp_worker.py RANK WORLD_SIZE PORT OUT_DIR``: every rank builds the same model
+Run by ``helpers.distributed.launch("droppath_scenarios")``: every rank builds the same model
 (seed 0), injects DropPath, wraps it (DistributedDataParallel, or FSDP2's ``fully_shard``),
 seeds its own RNG (``BASE_SEED + rank``, or ``BASE_SEED`` on every rank) and trains ``STEPS``
 SGD steps on data of its own, raising the rates each step. The parameters it ends with and the
-keep decision of every DropPath call are saved to ``OUT_DIR/rank{RANK}.pt``.
+keep decision of every DropPath call are returned by ``run_rank``.
 
 ``reference_parameters`` replays the same training in one process, for comparison.
 """
 
 from __future__ import annotations
 
-import sys
 import traceback
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-import torch.distributed as dist
 import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -158,35 +154,16 @@ def reference_parameters(scenario: tuple[str, str, str], world_size: int) -> dic
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def join_gloo(rank: int, world_size: int, port: int, timeout_s: int) -> None:
-    """One CPU thread, then this rank's place in a gloo group on 127.0.0.1:``port``."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
-
-
-def main(rank: int, world_size: int, port: int, out_dir: Path) -> None:
-    join_gloo(rank, world_size, port, timeout_s=60)
+def run_rank(rank: int, world_size: int) -> dict[str, Any]:
+    """Every scenario on this rank; FSDP2's failure on gloo is recorded, ending the run."""
     results: dict[str, Any] = {}
-    try:
-        for scenario in SCENARIOS:
-            try:
-                results[key(scenario)] = run_scenario(scenario, rank)
-            except Exception as error:
-                if scenario[0] != "fsdp2":
-                    raise
-                traceback.print_exc()
-                results[key(scenario)] = {"error": f"{type(error).__name__}: {error}"}
-                break  # a failed collective leaves the group unusable
-        torch.save(results, out_dir / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+    for scenario in SCENARIOS:
+        try:
+            results[key(scenario)] = run_scenario(scenario, rank)
+        except Exception as error:
+            if scenario[0] != "fsdp2":
+                raise
+            traceback.print_exc()
+            results[key(scenario)] = {"error": f"{type(error).__name__}: {error}"}
+            break  # a failed collective leaves the group unusable
+    return results

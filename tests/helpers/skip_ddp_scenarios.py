@@ -1,7 +1,7 @@
-"""One rank of the DistributedDataParallel check in ``test_skipping.py``.
+"""The DistributedDataParallel scenarios of ``test_skipping.py`` (the symbolic pipeline).
 
-Run as ``python skip_ddp_worker.py RANK WORLD_SIZE PORT``; prints one JSON line with the
-result of each scenario. A small residual net is injected with ``skip_compute=True`` at a high
+Run by ``helpers.distributed.launch("skip_ddp_scenarios")``; ``run_rank`` returns the result
+of each scenario. A small residual net is injected with ``skip_compute=True`` at a high
 rate, so whole branches are skipped and their parameters get no gradient in many steps, then
 trained for a few steps under DDP over gloo, with and without ``find_unused_parameters``.
 """
@@ -9,19 +9,15 @@ trained for a few steps under DDP over gloo, with and without ``find_unused_para
 from __future__ import annotations
 
 import hashlib
-import json
-import sys
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from ddp_worker import join_gloo
-from helpers import synthetic_models as sm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from droppath_inject import inject_droppath
 from droppath_inject.skipping import SkippingDropPath
+from helpers import synthetic_models as sm
 
 STEPS = 6
 BATCH = 2
@@ -90,13 +86,5 @@ def run(mode: str, find_unused: bool, seed_by_rank: bool, rank: int) -> dict[str
     return result
 
 
-def main() -> None:
-    rank, world_size, port = (int(arg) for arg in sys.argv[1:4])
-    join_gloo(rank, world_size, port, timeout_s=30)
-    results = {name: run(*config, rank) for name, *config in SCENARIOS}
-    print(json.dumps(results), flush=True)
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+def run_rank(rank: int, world_size: int) -> dict[str, Any]:
+    return {name: run(*config, rank) for name, *config in SCENARIOS}

@@ -1,0 +1,106 @@
+"""One keep decision per block, shared by every DropPath on the block's residual branches.
+
+A ``LayerGate`` is a forward pre-hook on the block's module (a transformer layer, a timm
+block): when the block is called in training at a rate above 0, it draws the decision once
+(``(B,)`` uniforms on the input's device in row mode, one uniform on the CPU in batch mode)
+and every ``BlockDropPath`` of the block multiplies its branch by that decision's mask. In
+eval, or at rate 0, nothing is drawn, so the RNG stream (and so every dropout of the model)
+stays exactly as without injection.
+
+The gate is a plain object, not a module: ``state_dict()`` and ``model.modules()`` do not
+change. It is reached from its hook and from its DropPaths, so ``torch.save`` and
+``copy.deepcopy`` keep them sharing one gate. Under ``torch.utils.checkpoint`` the decision
+stays the same on recompute: either the hook runs inside the checkpoint and redraws from the
+restored RNG state, or it runs outside and the stored decision is read again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .layers import DropPath, Mode
+
+
+def _first_tensor(args: Any, kwargs: Any) -> Tensor | None:
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, Tensor) and leaf.ndim > 0:
+            return leaf
+    return None
+
+
+class LayerGate:
+    """The shared keep decision of one block (see the module docstring).
+
+    ``scale`` is what the block's DropPaths multiply by: ``(B,)`` or ``(1,)`` float32 values,
+    0 for dropped and ``1 / keep`` (or 1) for kept samples; None when nothing is dropped.
+    ``members`` are the block's DropPaths, whose common rate the gate draws at.
+    """
+
+    def __init__(self, mode: Mode, skip_compute: bool = False) -> None:
+        self.mode = mode
+        self.skip_compute = skip_compute  # how the injection that made it was asked to run
+        self.members: list[BlockDropPath] = []
+        self.scale: Tensor | None = None
+
+    @property
+    def drop_prob(self) -> float:
+        """The block's rate: its DropPaths share it (``set_drop_rates`` sets them together)."""
+        return max((m.drop_prob for m in self.members), default=0.0)
+
+    def active(self, module: nn.Module) -> bool:
+        return module.training and self.drop_prob > 0.0
+
+    def draw(self, reference: Tensor) -> None:
+        """Draw a new decision for a batch like ``reference`` (its first dimension, device)."""
+        keep = 1.0 - self.drop_prob
+        if self.mode == "row":
+            uniform = torch.rand(reference.shape[0], device=reference.device)
+        else:
+            uniform = torch.rand(1)  # on the CPU: skipping can read it without a device sync
+        scale = (uniform < keep).float()
+        scale_by_keep = all(m.scale_by_keep for m in self.members)
+        self.scale = scale / keep if scale_by_keep and keep > 0.0 else scale
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
+        if not self.active(module):
+            self.scale = None
+            return
+        reference = _first_tensor(args, kwargs)
+        if reference is None:
+            self.scale = None
+            return
+        self.draw(reference)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(vars(self))
+        state["scale"] = None  # a decision belongs to one forward, not to a checkpoint
+        return state
+
+
+class BlockDropPath(DropPath):
+    """A DropPath that follows its block's ``LayerGate`` instead of drawing its own decision."""
+
+    def __init__(self, gate: LayerGate, drop_prob: float = 0.0, mode: Mode = "row") -> None:
+        super().__init__(drop_prob, mode)
+        vars(self)["gate"] = gate  # a plain attribute: the gate is no submodule
+        gate.members.append(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate: LayerGate = vars(self)["gate"]
+        scale = gate.scale
+        if not self.training or self.drop_prob == 0.0 or scale is None:
+            return x
+        if scale.shape[0] not in (1, x.shape[0]):
+            raise RuntimeError(
+                f"a block's keep decision covers {scale.shape[0]} samples but its branch holds "
+                f"{x.shape[0]}: the block was called with a different batch than its branches"
+            )
+        shape = (scale.shape[0],) + (1,) * (x.ndim - 1)
+        return x * scale.to(device=x.device, dtype=x.dtype).view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, decision=block"

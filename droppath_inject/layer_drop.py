@@ -1,0 +1,223 @@
+"""Block granularity: one keep decision per block, and skipping whole dropped blocks.
+
+With ``granularity="block"`` the residual branches of one block (those ``plan.py`` groups under
+one block index: a transformer layer's attention and MLP) share one decision, drawn by a
+``LayerGate`` pre-hook on the block's module (``block_gate``). With ``skip_compute=True`` too,
+a block whose captured graph proves that its output is its first argument plus its branches
+along an identity chain gets a ``LayerSkip`` instance forward (``layer_skip``), which does not
+run a dropped block (batch mode) or runs it on the kept rows only (row mode). Blocks that cannot
+share (no single module call, a drop path of another library) keep per-branch decisions;
+blocks that cannot skip are masked. ``Report.layer_drop`` says which and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+from .apply import Attacher
+from .attach import AttachKind, Attachment
+from .block_gate import BlockDropPath, LayerGate
+from .errors import DropPathInjectError
+from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropReport
+from .layer_skip import LayerSkip, install, uninstall
+from .layers import DropPath, Mode
+from .plan import Plan, PlannedSite
+from .residuals import ResidualSite
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _layer_module(site: ResidualSite, modules: dict[str, nn.Module]) -> str | None:
+    """The module whose call is the site's block: the container element at or above the add's
+    owner (as ``blocks.block_key`` groups), else the owner itself; None when the owner loops
+    over a container itself (its iterations are blocks with no module of their own)."""
+    owner = site.owner
+    parts = owner.split(".") if owner else []
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    above = [p for p in prefixes if isinstance(modules.get(p.rpartition(".")[0]), _CONTAINERS)]
+    if above:
+        return above[-1]
+    return None if any(isinstance(m, _CONTAINERS) for m in modules[owner].children()) else owner
+
+
+@dataclass
+class _Block:
+    index: int
+    module: str | None
+    sites: list[PlannedSite] = field(default_factory=list)
+    handling: BlockHandling = BlockHandling.SHARED
+    reason: str = ""
+    batch_norms: bool = False
+
+
+def _refuse_sharing(block: _Block, plan: Plan) -> str:
+    if block.module is None:
+        return "the block is an iteration of its owner's loop, not a module call of its own"
+    if plan.run.call_counts[block.module] != 1:
+        return f"{block.module} runs {plan.run.call_counts[block.module]} times per forward"
+    for planned in block.sites:
+        attachment = planned.attachment
+        if not isinstance(attachment, Attachment):
+            return f"a branch got no DropPath ({attachment.reason})"
+        if attachment.kind is AttachKind.EXISTING and not isinstance(
+            plan.run.modules[attachment.module], BlockDropPath
+        ):
+            return f"{attachment.module} is an existing drop path with its own decisions"
+    return ""
+
+
+_SAME_VALUE_METHODS = frozenset({"to", "contiguous", "type_as", "float", "clone"})
+
+
+def _unaliased(node: fx.Node) -> fx.Node:
+    """The value ``node`` copies unchanged (``x.to(x.dtype)`` returns ``x`` itself, and the
+    recorder binds ``x`` to the cast node: Llama's RMSNorm), else ``node``."""
+    while (
+        node.op == "call_method"
+        and node.target in _SAME_VALUE_METHODS
+        and node.args
+        and isinstance(node.args[0], fx.Node)
+        and node.meta.get("tensor_meta") == node.args[0].meta.get("tensor_meta")
+    ):
+        node = node.args[0]
+    return node
+
+
+def _refuse_skipping(block: _Block, plan: Plan, order: dict[fx.Node, int]) -> str:
+    """Why the graph does not prove ``output == input + branches`` along an identity chain."""
+    assert block.module is not None
+    sites = sorted((p.site for p in block.sites), key=lambda s: order[s.add])
+    first = _unaliased(sites[0].skip).meta.get("module_first_inputs", [])
+    if not any(call.path == block.module for call in first):
+        return "the first residual's skip is not the block's first argument"
+    for before, after in zip(sites, sites[1:], strict=False):
+        if _unaliased(after.skip) is not before.add:
+            return "a residual's skip is not the previous residual's sum (not one identity chain)"
+    outputs = sites[-1].add.meta.get("module_outputs", [])
+    if not any(o.call.path == block.module and o.leaf in (None, 0) for o in outputs):
+        return "the block's output is not its last residual sum (a norm or activation follows)"
+    for node in plan.run.graph.nodes:
+        for output in node.meta.get("module_outputs", []):
+            if output.call.path == block.module and output.leaf not in (None, 0):
+                return "the block returns other tensors besides its hidden state"
+    return ""
+
+
+def _has_batch_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+class BlockDrops:
+    """Gives an ``Attacher`` block-shared DropPaths, installing gates (and skips) per block."""
+
+    def __init__(
+        self, model: nn.Module, plan: Plan, mode: Mode, skip_compute: bool, gather_bn: bool
+    ) -> None:
+        self.model = model
+        self.mode: Mode = mode
+        self.skip_compute = skip_compute
+        self.gather_batch_norm = gather_bn
+        self.blocks: dict[int, _Block] = {}
+        for planned in plan.sites:
+            module = _layer_module(planned.site, plan.run.modules)
+            block = self.blocks.setdefault(planned.block_index, _Block(planned.block_index, module))
+            if block.module != module:
+                block.module = None
+            block.sites.append(planned)
+        order = {node: i for i, node in enumerate(plan.run.graph.nodes)}
+        for block in self.blocks.values():
+            if reason := _refuse_sharing(block, plan):
+                block.handling, block.reason = BlockHandling.PER_BRANCH, reason
+            elif skip_compute:
+                if reason := _refuse_skipping(block, plan, order):
+                    block.reason = f"masked: {reason}"
+                else:
+                    block.handling = BlockHandling.SKIPPED
+                    assert block.module is not None
+                    block.batch_norms = _has_batch_norm(plan.run.modules[block.module])
+        self._gates: dict[int, LayerGate] = {}
+
+    def __call__(self, attacher: Attacher, rate: float, place: tuple[int, int]) -> DropPath:
+        block = self.blocks.get(place[0])
+        if block is None or block.handling is BlockHandling.PER_BRANCH:
+            return DropPath(rate, self.mode)
+        gate = self._gates.get(block.index)
+        if gate is None:
+            gate = self._gate(attacher, block)
+        return BlockDropPath(gate, rate, self.mode)
+
+    def _gate(self, attacher: Attacher, block: _Block) -> LayerGate:
+        assert block.module is not None
+        module = self.model.get_submodule(block.module)
+        gate = LayerGate(self.mode, self.skip_compute)
+        handle = module.register_forward_pre_hook(gate, with_kwargs=True)
+        if block.handling is BlockHandling.SKIPPED:
+            install(module, gate, block.batch_norms, self.gather_batch_norm)
+        self._gates[block.index] = gate
+
+        def undo() -> None:
+            handle.remove()
+            uninstall(module)
+            self._gates.pop(block.index, None)
+
+        attacher.on_undo(undo)
+        return gate
+
+    def report(self) -> LayerDropReport:
+        blocks = [
+            BlockLayerDrop(b.index, b.module or "", len(b.sites), b.handling, b.reason)
+            for b in sorted(self.blocks.values(), key=lambda b: b.index)
+        ]
+        return LayerDropReport(Granularity.BLOCK, self.skip_compute, blocks)
+
+
+def gates_of(model: nn.Module) -> list[LayerGate]:
+    """The block gates in ``model``."""
+    return [
+        hook
+        for module in model.modules()
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, LayerGate)
+    ]
+
+
+def check_same_granularity(model: nn.Module, by_block: bool, skip_compute: bool) -> None:
+    """A second call re-rates what the first placed: it cannot switch granularity or, under
+    block granularity, ``skip_compute``."""
+    gates = gates_of(model)
+    if not gates:
+        return
+    before = gates[0].skip_compute
+    if not by_block or before != skip_compute:
+        raise DropPathInjectError(
+            f"{type(model).__name__} was injected with granularity='block', "
+            f"skip_compute={before}; this call asks for granularity="
+            f"{'block' if by_block else 'branch'!r}, skip_compute={skip_compute}: call "
+            "remove_droppath(model) first"
+        )
+
+
+def remove_layer_drop(model: nn.Module) -> int:
+    """Take out every gate pre-hook and skipping forward; returns how many modules had one."""
+    count = 0
+    for module in model.modules():
+        found = uninstall(module)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, LayerGate):
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+                found = True
+        count += found
+    return count
+
+
+def skips_of(model: nn.Module) -> dict[str, LayerSkip]:
+    """The skipping forwards installed in ``model``, by module path (counters for tests)."""
+    found = {}
+    for path, module in model.named_modules():
+        skip = vars(module).get("forward")
+        if isinstance(skip, LayerSkip):
+            found[path] = skip
+    return found

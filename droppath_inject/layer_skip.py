@@ -1,0 +1,236 @@
+"""Not running a dropped block: an instance-level ``forward`` in front of the block's own.
+
+``module.forward`` is shadowed on the instance by a ``LayerSkip`` (``vars(module)["forward"]``):
+``nn.Module.__call__`` still runs every hook (the block's ``LayerGate`` draws the decision,
+FSDP2 gathers the parameters), then the ``LayerSkip``, which calls the class's ``forward``
+(the user's code, unchanged; a ``forward`` already set on the instance is called instead and
+put back on removal) unless the decision says otherwise:
+
+- batch mode, block dropped: the block's first positional argument (the hidden state) is
+  returned, in the output structure the block was seen to return (a tensor, or a tuple whose
+  first element is the hidden state and whose others are None);
+- row mode: the block runs on the kept rows only (every per-sample tensor argument gathered,
+  positional and keyword), and the kept rows of its output are written into a copy of the input.
+
+The class, ``state_dict()`` keys and hooks stay; ``torch.save`` and ``copy.deepcopy`` carry the
+wrapper (a module-level class). A skipped block's parameters get zero gradients through a
+``0 * p[0]`` term, exactly what the mask gives them, so DDP needs no ``find_unused_parameters``
+and every rank reduces every gradient even when ranks decide differently.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .block_gate import LayerGate
+from .errors import DropPathInjectError, DropPathWarning
+
+
+class Refused(Exception):
+    """Internal: this call cannot skip safely, so it runs masked instead."""
+
+
+def _plain(value: object) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device))
+
+
+def _gather(value: Any, rows: Tensor, batch: int) -> Any:
+    """``value`` with per-sample tensors gathered by ``rows``; broadcast ones (first dimension 1)
+    and plain values kept; anything whose layout is unclear refuses."""
+    if isinstance(value, Tensor):
+        if value.ndim == 0 or (value.shape[0] == 1 and batch > 1):
+            return value
+        if value.shape[0] != batch:
+            if value.ndim == 1 or batch not in value.shape:
+                return value  # no batch dimension: a position index, a (T, T) mask
+            raise Refused(f"a tensor of shape {tuple(value.shape)} has the batch size elsewhere")
+        if batch in value.shape[1:] or value.ndim == 1:
+            raise Refused(f"a tensor of shape {tuple(value.shape)} is ambiguous")
+        return value.index_select(0, rows)
+    if isinstance(value, (tuple, list)):
+        gathered = [_gather(v, rows, batch) for v in value]
+        return type(value)(gathered) if type(value) in (tuple, list) else gathered
+    if isinstance(value, dict):
+        return {k: _gather(v, rows, batch) for k, v in value.items()}
+    if _plain(value):
+        return value
+    raise Refused(f"an argument of type {type(value).__name__} cannot be split by rows")
+
+
+def _gather_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """The hidden state's kept rows, in its memory format (channels_last stays so)."""
+    gathered = x.index_select(0, rows)
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return gathered.contiguous(memory_format=torch.channels_last)
+    return gathered
+
+
+def _zero_term(module: nn.Module) -> Tensor | None:
+    """``0 * sum(p[0])`` over the trainable parameters: zero gradients, as the mask gives."""
+    if not torch.is_grad_enabled():
+        return None
+    firsts = [p.reshape(-1)[:1] for p in module.parameters() if p.requires_grad and p.numel()]
+    if not firsts:
+        return None
+    return torch.cat([f.to(firsts[0].dtype) for f in firsts]).sum() * 0.0
+
+
+def _fsdp_inner(module: nn.Module) -> str | None:
+    """A submodule sharded by FSDP2 on its own, which a skipped block would leave ungathered."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - builds without distributed
+        return None
+    for path, sub in module.named_modules():
+        if path and isinstance(sub, FSDPModule):
+            return path
+    return None
+
+
+class LayerSkip:
+    """The instance ``forward`` of a block that may be skipped (see the module docstring).
+
+    ``structure`` is the output seen on the last full call: None (a tensor), or the length of
+    a tuple whose first element is the hidden state. Until one is seen, calls run masked.
+    ``gather_batch_norm`` lets row mode gather blocks holding training BatchNorms.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        gate: LayerGate,
+        previous: Callable[..., Any] | None,
+        batch_norms: bool,
+        gather_batch_norm: bool,
+    ) -> None:
+        self.module = module
+        self.gate = gate
+        self.previous = previous
+        self.batch_norms = batch_norms
+        self.gather_batch_norm = gather_batch_norm
+        self.structure: int | None | bool = False  # False: not seen yet
+        self.skipped_calls = 0  # training calls that did not run the block
+        self.gathered_calls = 0  # training calls that ran it on some rows only
+        self.masked_calls = 0  # training calls that had to run masked (``last_refusal``)
+        self.last_refusal = ""
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def _full(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        output = self.run(*args, **kwargs)
+        if isinstance(output, Tensor):
+            self.structure = None
+        elif (
+            isinstance(output, tuple)
+            and output
+            and isinstance(output[0], Tensor)
+            and all(o is None for o in output[1:])
+        ):
+            self.structure = len(output)
+        else:
+            self.structure = True  # anything else is never skipped
+        return output
+
+    def _wrap(self, hidden: Tensor) -> Any:
+        if self.structure is None:
+            return hidden
+        assert isinstance(self.structure, int)
+        return (hidden,) + (None,) * (self.structure - 1)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        scale = self.gate.scale
+        if not self.module.training or scale is None or not args:
+            return self._full(args, kwargs)
+        self._check_wrappers()
+        hidden = args[0]
+        if self.structure is True or self.structure is False or not isinstance(hidden, Tensor):
+            return self._full(args, kwargs)
+        if self.gate.mode == "batch" or scale.shape[0] == 1:
+            if bool(scale[0] > 0):
+                return self._full(args, kwargs)
+            return self._wrap(self._skipped(hidden))
+        return self._rows(hidden, scale, args, kwargs)
+
+    def _check_wrappers(self) -> None:
+        """Raise where skipping would leave ranks in different collectives. Checked on every
+        training call, skipped or not, so that every rank raises at the same call."""
+        inner = _fsdp_inner(self.module)
+        if inner is not None:
+            raise DropPathInjectError(
+                f"skip_compute cannot skip {type(self.module).__name__}: its submodule {inner} "
+                "is sharded by fully_shard on its own and would not be gathered on this rank "
+                "while others gather it; fully_shard the whole block, or pass skip_compute=False"
+            )
+
+    def _skipped(self, hidden: Tensor) -> Tensor:
+        self.skipped_calls += 1
+        zero = _zero_term(self.module)
+        return hidden.clone() if zero is None else hidden + zero.to(hidden.dtype)
+
+    def _refuse(self, reason: str) -> None:
+        """Count a call that runs masked instead of on the kept rows; warn on the first."""
+        if not self.masked_calls:
+            warnings.warn(
+                f"{type(self.module).__name__} runs masked, not on the kept rows ({reason}); "
+                "a Hugging Face cache cannot be split by rows: pass use_cache=False in training",
+                DropPathWarning,
+                stacklevel=4,
+            )
+        self.masked_calls += 1
+        self.last_refusal = reason
+
+    def _rows(
+        self, hidden: Tensor, scale: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        batch = hidden.shape[0]
+        kept = scale.nonzero().squeeze(1)
+        if kept.numel() == batch:
+            return self._full(args, kwargs)
+        if kept.numel() == 0:
+            return self._wrap(self._skipped(hidden))
+        if self.batch_norms and not self.gather_batch_norm:
+            self._refuse("training BatchNorm: batch statistics would change")
+            return self._full(args, kwargs)
+        try:
+            inner_args = (_gather_rows(hidden, kept), *_gather(args[1:], kept, batch))
+            inner_kwargs = _gather(kwargs, kept, batch)
+        except Refused as refusal:
+            self._refuse(str(refusal))
+            return self._full(args, kwargs)
+        self.gathered_calls += 1
+        self.gate.scale = scale.index_select(0, kept)  # what the block's DropPaths now see
+        output = self.run(*inner_args, **inner_kwargs)
+        kept_out = output if isinstance(output, Tensor) else output[0]
+        dtype = torch.promote_types(hidden.dtype, kept_out.dtype)
+        merged = hidden.to(dtype).clone()
+        return self._wrap(merged.index_copy(0, kept, kept_out.to(dtype)))
+
+
+def install(
+    module: nn.Module, gate: LayerGate, batch_norms: bool, gather_batch_norm: bool
+) -> LayerSkip:
+    """Shadow ``module.forward`` with a ``LayerSkip``; ``uninstall`` puts it back."""
+    previous = vars(module).get("forward")
+    skip = LayerSkip(module, gate, previous, batch_norms, gather_batch_norm)
+    vars(module)["forward"] = skip
+    return skip
+
+
+def uninstall(module: nn.Module) -> bool:
+    """Remove a ``LayerSkip`` from ``module`` (restoring an earlier instance forward)."""
+    skip = vars(module).get("forward")
+    if not isinstance(skip, LayerSkip):
+        return False
+    if skip.previous is None:
+        del vars(module)["forward"]
+    else:
+        vars(module)["forward"] = skip.previous
+    return True
