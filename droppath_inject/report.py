@@ -109,7 +109,7 @@ class Report:
         >>> report.sites[-1].status, round(report.sites[-1].rate, 2), report.sites[-1].branch
         (<SiteStatus.INJECTED: 'injected'>, 0.1, 'layer4.1.bn2')
         >>> sorted(report.to_dict())
-        ['num_blocks', 'parameters', 'sites', 'skipped', 'verification', 'version']
+        ['layer_drop', 'num_blocks', 'parameters', 'sites', 'skipped', 'verification', 'version']
     """
 
     sites: list[Site] = field(default_factory=list)
@@ -127,8 +127,9 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON (enums as their values), with the package version.
 
-        The keys are stable: ``version``, ``parameters``, ``num_blocks``, ``sites``, ``skipped``
-        and ``verification``, each site with the fields of ``Site``.
+        The keys are stable: ``version``, ``parameters``, ``num_blocks``, ``sites``, ``skipped``,
+        ``verification`` and ``layer_drop`` (None unless ``granularity="block"``), each site with
+        the fields of ``Site``.
         """
         data: dict[str, Any] = {"version": __version__, **_plain(asdict(self))}
         return data
