@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import _quiet_torch  # noqa: F401 - first: torch imported without its NumPy warning
 from .api import find_residuals, inject_droppath
 from .attach import AttachKind
-from .control import DropPathScheduler, injected_blocks, remove_droppath, set_drop_rates
+from .control import injected_blocks, remove_droppath, set_drop_rates
 from .curricula import Curriculum
 from .errors import (
     CurriculumError,
@@ -18,6 +18,7 @@ from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropRe
 from .layers import DropPath, drop_path
 from .report import Report, Site, SiteStatus, Skipped
 from .schedule import drop_rates
+from .scheduler import DropPathScheduler
 from .version import __version__
 
 __all__ = [

@@ -9,8 +9,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..control import DropPathScheduler
 from ..curricula import Curriculum
+from ..scheduler import DropPathScheduler
 
 #: The key the largest drop rate is logged under, beside ``loss`` and ``learning_rate``.
 LOG_KEY = "droppath_max_rate"
