@@ -164,7 +164,10 @@ def measure(case: Case, reps: int, warmup: int, tries: int) -> Row:
     return Row(case, none_ms, Stat.of(per), Stat.of(per_none), Stat.of(ideal), share, skipping)
 
 
-def render(rows: Sequence[Row], threads: int, reps: int, tries: int) -> str:
+def render(
+    rows: Sequence[Row], threads: int, reps: int, tries: int, load: tuple[float, float]
+) -> str:
+    """The RESULTS.md section; ``load`` is the 1-minute load average before and after."""
     cpu = platform.processor() or platform.machine()
     lines = [
         BEGIN,
@@ -173,7 +176,8 @@ def render(rows: Sequence[Row], threads: int, reps: int, tries: int) -> str:
         "Regenerate with `python -m benchmarks.layer_drop --write` (only this section).",
         "",
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; CPU only ({cpu}, "
-        f"{os.cpu_count()} cores shared with other jobs), `torch.set_num_threads({threads})`; "
+        f"{os.cpu_count()} cores, 1-minute load average {load[0]:.2f} before the run and "
+        f"{load[1]:.2f} after), `torch.set_num_threads({threads})`; "
         f"torch {torch.__version__}. No GPU was lent to this run, so there are no GPU rows.",
         '- train step: forward, backward, AdamW; `inject_droppath(granularity="block")`, '
         f"linear schedule; {reps} seeded steps per variant after a warm-up, the three variants "
@@ -201,11 +205,12 @@ def render(rows: Sequence[Row], threads: int, reps: int, tries: int) -> str:
             f"{row.skip_over_mask.format()} | {row.share:.2f} |"
         )
     met = sum(row.share >= 0.9 for row in rows)
+    spread = max((r.none_ms.high - r.none_ms.low) / r.none_ms.median for r in rows)
     lines += [
         "",
         f"{met} of {len(rows)} rows reach 0.9 of the ideal saving. Each mode skips every block "
-        "the graph proves skippable; the time ratios scatter widely because the two cores are "
-        "shared with other jobs (the same no-drop step ranges over tens of percent), and at "
+        "the graph proves skippable; the time ratios scatter widely: the no-drop step, the same "
+        f"work every time, varies by up to {spread:.0%} of its median between steps, and at "
         "`max_drop=0.2` the ideal saving is a few percent, within that noise. The FLOP count "
         "leaves out elementwise work and the AdamW step, which a skipped layer does not remove "
         "(every parameter still gets a gradient), so the ideal overstates the time that can be "
@@ -241,8 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         (SMOKE_CASES, 2, 1, 1) if args.smoke else (CASES, args.reps, 2, args.tries)
     )
     cases = tuple(c for c in cases if not args.only or c.model == args.only)
+    load_before = os.getloadavg()[0]
     rows = [measure(case, reps, warmup, tries) for case in cases]
-    section = render(rows, args.threads, reps, tries)
+    section = render(rows, args.threads, reps, tries, (load_before, os.getloadavg()[0]))
     print(section)
     if args.write and not args.smoke:
         write_section(section)

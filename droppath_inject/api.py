@@ -16,19 +16,19 @@ from typing import Any, Literal, overload
 
 from torch import nn
 
-from .apply import Attacher, scheduled_drop_paths
-from .attach import Attachment
-from .errors import DropPathInjectError, DropPathWarning, VerificationError
+from .apply import Attacher, attach_all
+from .errors import DropPathWarning
 from .granularity import Granularity, GranularityName
-from .inputs import ExampleInputs, resolve_inputs, run_eval
-from .layer_drop import BlockDrops, check_same_granularity
-from .layers import DropPath, Mode, check_mode
-from .plan import Plan, PlannedSite, dry_sites, make_plan, site_report
-from .report import Parameters, Report, Site, SiteStatus
+from .inputs import resolve_inputs
+from .layer_drop import BlockDrops
+from .layers import Mode, check_mode
+from .plan import dry_sites, make_plan
+from .reinjection import check_repeat_call
+from .report import Parameters, Report
 from .schedule import Schedule, drop_rates, schedule_name
-from .surgery import InjectedBlock, Rewrite
+from .surgery import Rewrite
 from .traced import dry_run, inject_traced
-from .verify import Change, Verification, count_elements, diagnose, outputs_equal
+from .verify import verify_attached
 
 Existing = Literal["rerate", "keep"]
 _EXISTING: tuple[str, ...] = ("rerate", "keep")
@@ -201,8 +201,7 @@ def inject_droppath(
     _check_arguments(max_drop, schedule, mode, existing)
     by_block = Granularity.parse(granularity) is Granularity.BLOCK
     traced = skip_compute and not by_block
-    _check_same_kind(model, traced)
-    check_same_granularity(model, by_block, skip_compute)
+    check_repeat_call(model, by_block, skip_compute)
     with _garbage_collection_paused():
         if traced:
             rewrite = Rewrite(mode, skip_compute, gather_batch_norm)
@@ -225,19 +224,6 @@ def inject_droppath(
     return (model, report) if return_report else model
 
 
-def _check_same_kind(model: nn.Module, skip_compute: bool) -> None:
-    """A second call re-rates what the first placed: it cannot switch ``skip_compute``."""
-    attached = any(isinstance(m, DropPath) for _, m, _ in scheduled_drop_paths(model))
-    rewritten = any(isinstance(m, InjectedBlock) for m in model.modules())
-    if (skip_compute and attached) or (not skip_compute and rewritten):
-        before, now = ("False", "True") if skip_compute else ("True", "False")
-        raise DropPathInjectError(
-            f"{type(model).__name__} was injected with skip_compute={before}; this call asks for "
-            f"skip_compute={now}, which would add a second kind of DropPath: call "
-            "remove_droppath(model) first"
-        )
-
-
 def _inject(
     model: nn.Module,
     max_drop: float,
@@ -258,72 +244,15 @@ def _inject(
     blocks = None if by_block is None else BlockDrops(model, plan, mode, *by_block)
     attacher = Attacher(model, mode, rerate_existing=existing == "rerate", make_drop=blocks)
     try:
-        sites = _attach_all(plan, rates, attacher)
+        sites = attach_all(plan, rates, attacher)
         report = Report(sites, [], plan.num_blocks)
         report.layer_drop = None if blocks is None else blocks.report()
         if verify:
-            report.verification = _verify(model, plan, rates, attacher, inputs)
+            report.verification = verify_attached(model, plan, rates, attacher, inputs)
     except BaseException:
         attacher.undo()
         raise
     return report
-
-
-def _attach_all(plan: Plan, rates: list[float], attacher: Attacher) -> list[Site]:
-    sites = []
-    for planned in plan.sites:
-        rate = rates[planned.block_index]
-        if isinstance(planned.attachment, Attachment):
-            place = (planned.block_index, plan.num_blocks)
-            outcome = attacher.attach(planned.attachment, rate, place)
-            sites.append(site_report(planned, outcome.rate, outcome.status, outcome.previous_rate))
-        else:
-            sites.append(site_report(planned, rate, SiteStatus.SKIPPED))
-    return sites
-
-
-def _verify(
-    model: nn.Module, plan: Plan, rates: list[float], attacher: Attacher, inputs: ExampleInputs
-) -> Verification:
-    """Eval outputs after attaching against the captured ones; raises (model restored) if not
-    bit-identical.
-
-    The captured run went through a ``TorchFunctionMode``, which turns off fused fast paths
-    (``nn.TransformerEncoderLayer`` in eval); a mismatch is therefore checked once more against
-    a plain run of the unchanged model before it counts.
-    """
-    outputs, _ = run_eval(model, inputs)
-    verified = Verification(True, count_elements(outputs), inputs.describe())
-    if outputs_equal(plan.run.outputs, outputs):
-        return verified
-    attacher.undo()
-    plain, _ = run_eval(model, inputs)
-    if outputs_equal(plain, outputs):  # the fast path differed, not the DropPaths
-        _attach_all(plan, rates, attacher)
-        return verified
-    changes = [_attaching(planned, plan, rates, attacher) for planned in plan.sites]
-    reason = diagnose(
-        model, inputs, plain, [c for c in changes if c], "attaching every DropPath together"
-    )
-    raise VerificationError(reason)
-
-
-def _attaching(
-    planned: PlannedSite, plan: Plan, rates: list[float], attacher: Attacher
-) -> Change | None:
-    """Attaching one site's DropPath alone, as a change ``diagnose`` can try."""
-    attachment = planned.attachment
-    if not isinstance(attachment, Attachment):
-        return None
-    place = (planned.block_index, plan.num_blocks)
-    rate = rates[planned.block_index]
-
-    def attach() -> None:
-        attacher.attach(attachment, rate, place)
-
-    return Change(
-        f"attaching a DropPath to {attachment.module or 'the model'}", attach, attacher.undo
-    )
 
 
 def _warn_if_little_happened(model: nn.Module, report: Report) -> None:

@@ -17,7 +17,8 @@ from .attach import AttachKind, Attachment
 from .droppaths import drop_path_rate_of, set_drop_path_rate
 from .internals import remove_forward_hooks, tree_flatten, tree_unflatten
 from .layers import DropPath, Mode
-from .report import SiteStatus
+from .plan import Plan, site_report
+from .report import Site, SiteStatus
 
 PLACE_ATTRIBUTE = "droppath_place"
 
@@ -221,3 +222,17 @@ def detach(model: nn.Module) -> int:
             _set_placement(module, None)
         count += 1
     return count
+
+
+def attach_all(plan: Plan, rates: list[float], attacher: Attacher) -> list[Site]:
+    """Attach every planned site at its block's rate; the report line of each."""
+    sites = []
+    for planned in plan.sites:
+        rate = rates[planned.block_index]
+        if isinstance(planned.attachment, Attachment):
+            place = (planned.block_index, plan.num_blocks)
+            outcome = attacher.attach(planned.attachment, rate, place)
+            sites.append(site_report(planned, outcome.rate, outcome.status, outcome.previous_rate))
+        else:
+            sites.append(site_report(planned, rate, SiteStatus.SKIPPED))
+    return sites

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
+from .internals import tree_leaves
 from .layers import DropPath, Mode
 
 
 def _first_tensor(args: Any, kwargs: Any) -> Tensor | None:
-    for leaf in pytree.tree_leaves((args, kwargs)):
+    for leaf in tree_leaves((args, kwargs)):
         if isinstance(leaf, Tensor) and leaf.ndim > 0:
             return leaf
     return None
@@ -84,14 +84,15 @@ class LayerGate:
 class BlockDropPath(DropPath):
     """A DropPath that follows its block's ``LayerGate`` instead of drawing its own decision."""
 
+    gate: LayerGate  # a plain attribute (a LayerGate is no module), shared with the block
+
     def __init__(self, gate: LayerGate, drop_prob: float = 0.0, mode: Mode = "row") -> None:
         super().__init__(drop_prob, mode)
-        vars(self)["gate"] = gate  # a plain attribute: the gate is no submodule
+        self.gate = gate
         gate.members.append(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate: LayerGate = vars(self)["gate"]
-        scale = gate.scale
+        scale = self.gate.scale
         if not self.training or self.drop_prob == 0.0 or scale is None:
             return x
         if scale.shape[0] not in (1, x.shape[0]):

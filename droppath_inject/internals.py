@@ -76,6 +76,24 @@ def move_children_and_tensors(source: nn.Module, target: nn.Module, leave_out: s
     target._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
 
 
+def forward_pre_hooks(module: nn.Module) -> list[Any]:
+    """The forward pre-hooks registered on ``module`` (``_forward_pre_hooks``), in call order."""
+    return list(module._forward_pre_hooks.values())
+
+
+def remove_forward_pre_hooks(module: nn.Module, predicate: Callable[[Any], bool]) -> int:
+    """Remove the forward pre-hooks of ``module`` that ``predicate`` accepts; returns how many.
+
+    As ``remove_forward_hooks``: the hook in ``_forward_pre_hooks`` and its key in
+    ``_forward_pre_hooks_with_kwargs``.
+    """
+    keys = [key for key, hook in module._forward_pre_hooks.items() if predicate(hook)]
+    for key in keys:
+        del module._forward_pre_hooks[key]
+        getattr(module, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
+    return len(keys)
+
+
 def remove_forward_hooks(module: nn.Module, predicate: Callable[[Any], bool]) -> int:
     """Remove the forward hooks of ``module`` that ``predicate`` accepts; returns how many.
 

@@ -19,8 +19,8 @@ from torch import fx, nn
 from .apply import Attacher
 from .attach import AttachKind, Attachment
 from .block_gate import BlockDropPath, LayerGate
-from .errors import DropPathInjectError
 from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropReport
+from .internals import forward_pre_hooks, remove_forward_pre_hooks
 from .layer_skip import LayerSkip, install, uninstall
 from .layers import DropPath, Mode
 from .plan import Plan, PlannedSite
@@ -178,25 +178,9 @@ def gates_of(model: nn.Module) -> list[LayerGate]:
     return [
         hook
         for module in model.modules()
-        for hook in module._forward_pre_hooks.values()
+        for hook in forward_pre_hooks(module)
         if isinstance(hook, LayerGate)
     ]
-
-
-def check_same_granularity(model: nn.Module, by_block: bool, skip_compute: bool) -> None:
-    """A second call re-rates what the first placed: it cannot switch granularity or, under
-    block granularity, ``skip_compute``."""
-    gates = gates_of(model)
-    if not gates:
-        return
-    before = gates[0].skip_compute
-    if not by_block or before != skip_compute:
-        raise DropPathInjectError(
-            f"{type(model).__name__} was injected with granularity='block', "
-            f"skip_compute={before}; this call asks for granularity="
-            f"{'block' if by_block else 'branch'!r}, skip_compute={skip_compute}: call "
-            "remove_droppath(model) first"
-        )
 
 
 def remove_layer_drop(model: nn.Module) -> int:
@@ -204,11 +188,7 @@ def remove_layer_drop(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         found = uninstall(module)
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, LayerGate):
-                del module._forward_pre_hooks[key]
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
-                found = True
+        found |= remove_forward_pre_hooks(module, lambda hook: isinstance(hook, LayerGate)) > 0
         count += found
     return count
 

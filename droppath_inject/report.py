@@ -9,8 +9,22 @@ from typing import Any
 from .attach import AttachKind
 from .granularity import LayerDropReport
 from .skipping import SkipPlan
-from .verify import Verification
 from .version import __version__
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The result of comparing eval outputs before and after injection."""
+
+    passed: bool
+    compared_elements: int
+    inputs: str
+
+    def describe(self) -> str:
+        verdict = "bit-identical" if self.passed else "DIFFERENT"
+        return (
+            f"eval outputs {verdict} on input {self.inputs} ({self.compared_elements:,} elements)"
+        )
 
 
 class SiteStatus(Enum):

@@ -1,7 +1,8 @@
 """Verification: eval outputs compared bitwise, and which change broke them when they differ.
 
 One place for the library (``api``, ``traced``), the CLI's re-verification of a written model
-and the benchmarks: ``verify_eval`` runs and compares, ``diagnose`` names the culprit.
+and the benchmarks: ``verify_eval`` runs and compares, ``diagnose`` names the culprit, and
+``verify_attached`` is ``inject_droppath``'s check of its attachments.
 """
 
 from __future__ import annotations
@@ -13,29 +14,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .apply import Attacher, attach_all
+from .attach import Attachment
 from .errors import VerificationError
 from .inputs import ExampleInputs, run_eval
+from .plan import Plan, PlannedSite
+from .report import Verification
 
 META_DEVICE_FIX = (
     "eval outputs of a model on the meta device hold no values, so they cannot be compared: "
     "pass verify=False, or load weights first (model.to_empty(device='cpu'), then "
     "load_state_dict)"
 )
-
-
-@dataclass(frozen=True)
-class Verification:
-    """The result of comparing eval outputs before and after injection."""
-
-    passed: bool
-    compared_elements: int
-    inputs: str
-
-    def describe(self) -> str:
-        verdict = "bit-identical" if self.passed else "DIFFERENT"
-        return (
-            f"eval outputs {verdict} on input {self.inputs} ({self.compared_elements:,} elements)"
-        )
 
 
 def outputs_equal(expected: Any, actual: Any) -> bool:
@@ -134,4 +124,48 @@ def diagnose(
     return (
         f"eval outputs changed after {culprit}; the model was restored. Please report this "
         "model; inject_droppath(..., verify=False) skips the check"
+    )
+
+
+def verify_attached(
+    model: nn.Module, plan: Plan, rates: list[float], attacher: Attacher, inputs: ExampleInputs
+) -> Verification:
+    """Eval outputs after attaching against the captured ones; raises (model restored) if not
+    bit-identical.
+
+    The captured run went through a ``TorchFunctionMode``, which turns off fused fast paths
+    (``nn.TransformerEncoderLayer`` in eval); a mismatch is therefore checked once more against
+    a plain run of the unchanged model before it counts.
+    """
+    outputs, _ = run_eval(model, inputs)
+    verified = Verification(True, count_elements(outputs), inputs.describe())
+    if outputs_equal(plan.run.outputs, outputs):
+        return verified
+    attacher.undo()
+    plain, _ = run_eval(model, inputs)
+    if outputs_equal(plain, outputs):  # the fast path differed, not the DropPaths
+        attach_all(plan, rates, attacher)
+        return verified
+    changes = [attaching(planned, plan, rates, attacher) for planned in plan.sites]
+    reason = diagnose(
+        model, inputs, plain, [c for c in changes if c], "attaching every DropPath together"
+    )
+    raise VerificationError(reason)
+
+
+def attaching(
+    planned: PlannedSite, plan: Plan, rates: list[float], attacher: Attacher
+) -> Change | None:
+    """Attaching one site's DropPath alone, as a change ``diagnose`` can try."""
+    attachment = planned.attachment
+    if not isinstance(attachment, Attachment):
+        return None
+    place = (planned.block_index, plan.num_blocks)
+    rate = rates[planned.block_index]
+
+    def attach() -> None:
+        attacher.attach(attachment, rate, place)
+
+    return Change(
+        f"attaching a DropPath to {attachment.module or 'the model'}", attach, attacher.undo
     )

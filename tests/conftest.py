@@ -6,6 +6,9 @@ import pytest
 import torch
 from hypothesis import settings
 
+# helpers/ holds shared checks: their asserts get pytest's detailed failure messages too
+pytest.register_assert_rewrite("helpers")
+
 # Torch's first call of an op can take far longer than hypothesis' default 200 ms deadline.
 settings.register_profile("droppath", deadline=None)
 settings.load_profile("droppath")

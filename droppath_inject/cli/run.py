@@ -26,8 +26,8 @@ from ..errors import (
     VerificationError,
 )
 from ..inputs import ExampleInputs, run_eval
-from ..report import Report, SiteStatus
-from ..verify import Verification, count_elements, outputs_equal
+from ..report import Report, SiteStatus, Verification
+from ..verify import verify_eval
 from .files import LoadedModel, load_source, summary
 from .inputs import INPUT_OPTIONS, example_inputs
 from .progress import Progress
@@ -69,20 +69,20 @@ def _reverify(path: Path, inputs: ExampleInputs | None, reference: Any) -> Verif
     """Load the written file as a new process would and compare its eval outputs, bit for bit."""
     try:
         reloaded = torch.load(path, map_location="cpu", weights_only=False)
-        outputs = None if inputs is None else run_eval(reloaded, inputs)[0]
+        verification = None if inputs is None else verify_eval(reloaded, inputs, reference)
+    except VerificationError:
+        raise
     except Exception as error:  # noqa: BLE001 - whatever it is, the written file is unusable
         raise VerificationError(
             f"the written model cannot be loaded and run ({summary(error)}); nothing was "
             "written: please report this model"
         ) from None
-    if inputs is None:
-        return None
-    if not outputs_equal(reference, outputs):
+    if verification is not None and not verification.passed:
         raise VerificationError(
             f"the written model's eval outputs differ from the source model's on input "
-            f"{inputs.describe()}; nothing was written: please report this model"
+            f"{verification.inputs}; nothing was written: please report this model"
         )
-    return Verification(True, count_elements(outputs), inputs.describe())
+    return verification
 
 
 def _write_model(
