@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from droppath_inject import inject_droppath
+from droppath_inject import BlockHandling, inject_droppath
 
 from .timing import Stat
 
@@ -142,7 +142,7 @@ def measure(case: Case, reps: int, warmup: int, tries: int) -> Row:
         if variant == "skip":
             assert report.layer_drop is not None
             blocks = report.layer_drop.blocks
-            skipping = f"{sum(b.handling.value == 'skips compute' for b in blocks)}/{len(blocks)}"
+            skipping = f"{sum(b.handling is BlockHandling.SKIPPED for b in blocks)}/{len(blocks)}"
     for seed in range(warmup):
         for step in steps.values():
             step(10_000 + seed)
