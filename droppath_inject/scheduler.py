@@ -141,8 +141,7 @@ class DropPathScheduler:
         """
         check_rate("max_drop", max_drop)
         point, by_fraction = span("early_drop", steps, fraction)
-        curriculum = Curriculum(max_drop, 0.0, point, point, "linear", by_fraction, total_steps)
-        return cls(model, curriculum, schedule)
+        return cls(model, _switch(max_drop, 0.0, point, by_fraction, total_steps), schedule)
 
     @classmethod
     def late_drop(
@@ -169,8 +168,7 @@ class DropPathScheduler:
         """
         check_rate("max_drop", max_drop)
         point, by_fraction = span("late_drop", steps, fraction)
-        curriculum = Curriculum(0.0, max_drop, point, point, "linear", by_fraction, total_steps)
-        return cls(model, curriculum, schedule)
+        return cls(model, _switch(0.0, max_drop, point, by_fraction, total_steps), schedule)
 
     @classmethod
     def linear_warmup(
@@ -200,3 +198,10 @@ class DropPathScheduler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a saved step and apply its rates."""
         self.set_step(int(state["count"]))
+
+
+def _switch(
+    before: float, after: float, point: float, by_fraction: bool, total_steps: int | None
+) -> Curriculum:
+    """A curriculum that holds ``before`` until ``point`` and ``after`` from there on."""
+    return Curriculum(before, after, point, point, "linear", by_fraction, total_steps)

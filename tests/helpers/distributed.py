@@ -16,12 +16,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 TESTS = Path(__file__).resolve().parent.parent
 
@@ -46,6 +48,24 @@ def join_gloo(rank: int, world_size: int, port: int, timeout_s: int) -> None:
         world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
     )
+
+
+def average_rank_gradients(
+    model: nn.Module, rng_states: list[Tensor], rank_loss: Callable[[int], Tensor]
+) -> None:
+    """One data-parallel step replayed in one process: each rank's loss computed under that
+    rank's RNG stream (``rng_states[rank]``, advanced in place) and backpropagated, the
+    gradients averaged into ``.grad`` as DDP's all-reduce averages them."""
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for rank, state in enumerate(rng_states):
+        torch.set_rng_state(state)
+        rank_loss(rank).backward()
+        rng_states[rank] = torch.get_rng_state()
+        for summed, parameter in zip(total, model.parameters(), strict=True):
+            summed += parameter.grad
+            parameter.grad = None
+    for summed, parameter in zip(total, model.parameters(), strict=True):
+        parameter.grad = summed / len(rng_states)
 
 
 def launch(suite: str, world_size: int = 2, timeout_s: int = 300) -> list[dict[str, Any]]:

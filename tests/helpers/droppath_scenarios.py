@@ -12,6 +12,7 @@ keep decision of every DropPath call are returned by ``run_rank``.
 from __future__ import annotations
 
 import traceback
+from functools import partial
 from typing import Any
 
 import timm
@@ -22,6 +23,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from droppath_inject import DropPath, DropPathScheduler, inject_droppath
+from helpers.distributed import average_rank_gradients
 
 STEPS = 3
 BATCH = 4
@@ -125,6 +127,12 @@ def run_scenario(scenario: tuple[str, str, str], rank: int) -> dict[str, Any]:
     return {"parameters": full_parameters(model), "decisions": decisions}
 
 
+def rank_loss(model: nn.Module, rank: int, step: int) -> Tensor:
+    """The loss ``rank`` computes at ``step``."""
+    x, y = batch(rank, step)
+    return F.cross_entropy(model(x), y)
+
+
 def reference_parameters(scenario: tuple[str, str, str], world_size: int) -> dict[str, Tensor]:
     """The same training in one process: each rank's RNG stream replayed, gradients averaged."""
     _, name, seeding = scenario
@@ -137,17 +145,7 @@ def reference_parameters(scenario: tuple[str, str, str], world_size: int) -> dic
         states.append(torch.get_rng_state())
     model.train()
     for step in range(STEPS):
-        total = [torch.zeros_like(p) for p in model.parameters()]
-        for rank in range(world_size):
-            torch.set_rng_state(states[rank])
-            x, y = batch(rank, step)
-            F.cross_entropy(model(x), y).backward()
-            states[rank] = torch.get_rng_state()
-            for summed, parameter in zip(total, model.parameters(), strict=True):
-                summed += parameter.grad
-                parameter.grad = None
-        for summed, parameter in zip(total, model.parameters(), strict=True):
-            parameter.grad = summed / world_size
+        average_rank_gradients(model, states, partial(rank_loss, model, step=step))
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from droppath_inject import DropPathInjectError, inject_droppath
 from droppath_inject.layer_drop import skips_of
 from helpers import layer_drop_models as ldm
+from helpers.distributed import average_rank_gradients
 
 COLLECTIVE_TIMEOUT_S = 60
 STEPS = 4
@@ -123,16 +124,9 @@ def reference_parameters(mode: str, world_size: int) -> dict[str, Tensor]:
         states.append(torch.get_rng_state())
     model.train()
     for step in range(STEPS):
-        total = [torch.zeros_like(p) for p in model.parameters()]
-        for rank in range(world_size):
-            torch.set_rng_state(states[rank])
-            loss(model, batch(rank, step)).backward()
-            states[rank] = torch.get_rng_state()
-            for summed, parameter in zip(total, model.parameters(), strict=True):
-                summed += parameter.grad
-                parameter.grad = None
-        for summed, parameter in zip(total, model.parameters(), strict=True):
-            parameter.grad = summed / world_size
+        average_rank_gradients(
+            model, states, lambda rank, step=step: loss(model, batch(rank, step))
+        )
         optimizer.step()
         optimizer.zero_grad()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
