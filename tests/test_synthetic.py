@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import droppath_inject.apply
+import droppath_inject.verify
 from droppath_inject import (
     DropPathInjectError,
     DropPathWarning,
@@ -475,7 +476,7 @@ def test_failed_verification_restores_the_model(monkeypatch: pytest.MonkeyPatch)
     """Force the bitwise comparison to fail: every replaced block must be put back."""
     model = sm.randomize_norms(conv_blocks(sm.PlainResidual, 3)())
     before = snapshot(model)
-    monkeypatch.setattr(droppath_inject.api, "outputs_equal", lambda expected, actual: False)
+    monkeypatch.setattr(droppath_inject.verify, "outputs_equal", lambda expected, actual: False)
     with pytest.raises(VerificationError):
         inject_droppath(model, example_inputs=images())
     assert_unchanged(model, before)

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import BasicBlock
 
 import droppath_inject.apply
+import droppath_inject.verify
 from droppath_inject import DropPath, VerificationError, inject_droppath
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -167,7 +168,7 @@ def test_python_side_effects_still_happen() -> None:
 def test_failed_injection_leaves_real_values(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed verification restores the model; what the block cached is a tensor, no Proxy."""
     model = net(SideEffects)
-    monkeypatch.setattr(droppath_inject.api, "outputs_equal", lambda expected, actual: False)
+    monkeypatch.setattr(droppath_inject.verify, "outputs_equal", lambda expected, actual: False)
     with pytest.raises(VerificationError):
         inject_droppath(model, 0.2, example_inputs=tokens())
     assert all(type(block.cache) is Tensor for block in model.blocks)
