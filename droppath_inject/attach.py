@@ -26,12 +26,11 @@ from enum import Enum
 
 from torch import fx, nn
 
+from .blocks import CONTAINERS
 from .capture import CapturedRun, ModuleOutput
 from .droppaths import is_drop_path_module, is_drop_path_slot
 from .graph_facts import data_derived, rejoins_add, writes_back
 from .residuals import ResidualSite
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 _VIEW_METHODS = frozenset(
     {
@@ -220,7 +219,7 @@ class _Planner:
 
     def _holder(self, owner: str) -> str | None:
         path = owner
-        while isinstance(self.run.modules[path], _CONTAINERS):
+        while isinstance(self.run.modules[path], CONTAINERS):
             if not path:
                 return None
             path = path.rpartition(".")[0]

@@ -17,7 +17,7 @@ from torch import nn
 
 from .residuals import ResidualSite
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _prefixes(path: str) -> list[str]:
@@ -30,8 +30,14 @@ def _container_elements(path: str, modules: dict[str, nn.Module]) -> list[str]:
     return [
         prefix
         for prefix in _prefixes(path)
-        if isinstance(modules.get(prefix.rpartition(".")[0]), _CONTAINERS)
+        if isinstance(modules.get(prefix.rpartition(".")[0]), CONTAINERS)
     ]
+
+
+def enclosing_layer(owner: str, modules: dict[str, nn.Module]) -> str | None:
+    """The innermost container element at or above ``owner`` (its layer's module), if any."""
+    elements = _container_elements(owner, modules)
+    return elements[-1] if elements else None
 
 
 def block_key(site: ResidualSite, branch_module: str, modules: dict[str, nn.Module]) -> str:
@@ -43,11 +49,8 @@ def block_key(site: ResidualSite, branch_module: str, modules: dict[str, nn.Modu
         modules: the model's modules by path.
     """
     owner = site.owner
-    above = [
-        e for e in _container_elements(owner, modules) if e == owner or owner.startswith(e + ".")
-    ]
-    if above:
-        layer = above[-1]
+    layer = enclosing_layer(owner, modules)
+    if layer is not None:
         calls = [
             k for k, (path, _) in site.add.meta.get("nn_module_stack", {}).items() if path == layer
         ]

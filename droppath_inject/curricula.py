@@ -13,12 +13,11 @@ step's rate is then spread over the blocks by the depth schedule (``drop_rates``
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .errors import CurriculumError
-from .schedule import check_rate
+from .schedule import check_count, check_rate
 
 #: The ramp from ``initial_drop`` to ``final_drop``, as a function of progress ``u`` in [0, 1].
 SHAPES: dict[str, Callable[[float], float]] = {
@@ -26,19 +25,6 @@ SHAPES: dict[str, Callable[[float], float]] = {
     "cosine": lambda u: (1.0 - math.cos(math.pi * u)) / 2.0,
     "exponential": lambda u: 2.0**u - 1.0,  # LayerSkip's time curriculum, e^(u ln 2) - 1
 }
-
-
-def _check_count(name: str, value: int, minimum: int) -> int:
-    """``value`` as an int >= ``minimum``, or TypeError/ValueError naming it."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        count = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {value!r}") from None
-    if count < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return count
 
 
 def _check_point(name: str, value: object, by_fraction: bool) -> None:
@@ -97,7 +83,7 @@ class Curriculum:
                     "total_steps sizes a curriculum by fraction of training; this one counts "
                     "steps (pass by_fraction=True, or leave total_steps out)"
                 )
-            _check_count("total_steps", self.total_steps, 1)
+            check_count("total_steps", self.total_steps, 1)
 
     @property
     def needs_total_steps(self) -> bool:
@@ -120,7 +106,7 @@ class Curriculum:
             ValueError: ``step`` < 0.
             CurriculumError: a fraction-based curriculum without ``total_steps``, past step 0.
         """
-        position = self._position(_check_count("step", step, 0))
+        position = self._position(check_count("step", step, 0))
         if position >= self.stop:
             return self.final_drop
         if position <= self.start:
@@ -167,7 +153,7 @@ def span(name: str, steps: int | None, fraction: float | None) -> tuple[float, b
         (0.1, True)
     """
     if steps is not None and fraction is None:
-        return float(_check_count(f"{name} steps", steps, 1)), False
+        return float(check_count(f"{name} steps", steps, 1)), False
     if fraction is not None and steps is None:
         _check_point(f"{name} fraction", fraction, by_fraction=True)
         if fraction == 0:

@@ -19,14 +19,13 @@ from torch import fx, nn
 from .apply import Attacher
 from .attach import AttachKind, Attachment
 from .block_gate import BlockDropPath, LayerGate
+from .blocks import CONTAINERS, enclosing_layer
 from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropReport
-from .internals import forward_pre_hooks, remove_forward_pre_hooks
+from .internals import BATCH_NORM_BASE, forward_pre_hooks, remove_forward_pre_hooks
 from .layer_skip import LayerSkip, install, uninstall
 from .layers import DropPath, Mode
 from .plan import Plan, PlannedSite
 from .residuals import ResidualSite
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _layer_module(site: ResidualSite, modules: dict[str, nn.Module]) -> str | None:
@@ -34,12 +33,10 @@ def _layer_module(site: ResidualSite, modules: dict[str, nn.Module]) -> str | No
     owner (as ``blocks.block_key`` groups), else the owner itself; None when the owner loops
     over a container itself (its iterations are blocks with no module of their own)."""
     owner = site.owner
-    parts = owner.split(".") if owner else []
-    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    above = [p for p in prefixes if isinstance(modules.get(p.rpartition(".")[0]), _CONTAINERS)]
-    if above:
-        return above[-1]
-    return None if any(isinstance(m, _CONTAINERS) for m in modules[owner].children()) else owner
+    layer = enclosing_layer(owner, modules)
+    if layer is not None:
+        return layer
+    return None if any(isinstance(m, CONTAINERS) for m in modules[owner].children()) else owner
 
 
 @dataclass
@@ -85,7 +82,17 @@ def _unaliased(node: fx.Node) -> fx.Node:
     return node
 
 
-def _refuse_skipping(block: _Block, plan: Plan, order: dict[fx.Node, int]) -> str:
+def _returning_other_tensors(plan: Plan) -> set[str]:
+    """The modules some call of which returned tensors besides its first output."""
+    return {
+        output.call.path
+        for node in plan.run.graph.nodes
+        for output in node.meta.get("module_outputs", [])
+        if output.leaf not in (None, 0)
+    }
+
+
+def _refuse_skipping(block: _Block, order: dict[fx.Node, int], returning_others: set[str]) -> str:
     """Why the graph does not prove ``output == input + branches`` along an identity chain."""
     assert block.module is not None
     sites = sorted((p.site for p in block.sites), key=lambda s: order[s.add])
@@ -98,15 +105,13 @@ def _refuse_skipping(block: _Block, plan: Plan, order: dict[fx.Node, int]) -> st
     outputs = sites[-1].add.meta.get("module_outputs", [])
     if not any(o.call.path == block.module and o.leaf in (None, 0) for o in outputs):
         return "the block's output is not its last residual sum (a norm or activation follows)"
-    for node in plan.run.graph.nodes:
-        for output in node.meta.get("module_outputs", []):
-            if output.call.path == block.module and output.leaf not in (None, 0):
-                return "the block returns other tensors besides its hidden state"
+    if block.module in returning_others:
+        return "the block returns other tensors besides its hidden state"
     return ""
 
 
 def _has_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    return any(isinstance(m, BATCH_NORM_BASE) for m in module.modules())
 
 
 class BlockDrops:
@@ -127,11 +132,12 @@ class BlockDrops:
                 block.module = None
             block.sites.append(planned)
         order = {node: i for i, node in enumerate(plan.run.graph.nodes)}
+        returning_others = _returning_other_tensors(plan) if skip_compute else set()
         for block in self.blocks.values():
             if reason := _refuse_sharing(block, plan):
                 block.handling, block.reason = BlockHandling.PER_BRANCH, reason
             elif skip_compute:
-                if reason := _refuse_skipping(block, plan, order):
+                if reason := _refuse_skipping(block, order, returning_others):
                     block.reason = f"masked: {reason}"
                 else:
                     block.handling = BlockHandling.SKIPPED

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .block_gate import LayerGate
 from .errors import DropPathInjectError, DropPathWarning
+from .layers import gather_rows
 
 
 class Refused(Exception):
@@ -60,14 +61,6 @@ def _gather(value: Any, rows: Tensor, batch: int) -> Any:
     if _plain(value):
         return value
     raise Refused(f"an argument of type {type(value).__name__} cannot be split by rows")
-
-
-def _gather_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """The hidden state's kept rows, in its memory format (channels_last stays so)."""
-    gathered = x.index_select(0, rows)
-    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return gathered.contiguous(memory_format=torch.channels_last)
-    return gathered
 
 
 def _zero_term(module: nn.Module) -> Tensor | None:
@@ -200,7 +193,7 @@ class LayerSkip:
             self._refuse("training BatchNorm: batch statistics would change")
             return self._full(args, kwargs)
         try:
-            inner_args = (_gather_rows(hidden, kept), *_gather(args[1:], kept, batch))
+            inner_args = (gather_rows(hidden, kept), *_gather(args[1:], kept, batch))
             inner_kwargs = _gather(kwargs, kept, batch)
         except Refused as refusal:
             self._refuse(str(refusal))

@@ -140,7 +140,7 @@ class DropPath(nn.Module):
         return text if self.scale_by_keep else f"{text}, scale_by_keep=False"
 
 
-def _gather_rows(x: Tensor, rows: Tensor) -> Tensor:
+def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
     """``x.index_select(0, rows)`` in ``x``'s memory format (channels_last stays so)."""
     gathered = x.index_select(0, rows)
     if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
@@ -209,7 +209,7 @@ class SkippingDropPath(DropPath):
         if kept.numel() == batch:
             return skip + self.branch(*inputs) * mask
         gathered = [
-            _gather_rows(x, kept) if flag and isinstance(x, Tensor) and len(x) == batch else x
+            gather_rows(x, kept) if flag and isinstance(x, Tensor) and len(x) == batch else x
             for x, flag in zip(inputs, self.per_sample or (), strict=True)
         ]
         kept_out = self.branch(*gathered) * mask.index_select(0, kept)

@@ -65,6 +65,19 @@ def schedule_name(schedule: Schedule) -> str:
     return str(getattr(schedule, "__qualname__", None) or repr(schedule))
 
 
+def check_count(name: str, value: int, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``, or TypeError/ValueError naming it."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if count < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return count
+
+
 def check_rate(name: str, value: float) -> float:
     """``value`` as a float, or ValueError naming it when it is not a number in [0, 1]."""
     try:
@@ -100,14 +113,7 @@ def drop_rates(num_blocks: int, max_drop: float, schedule: Schedule = "linear") 
         >>> [round(rate, 4) for rate in drop_rates(3, 0.2, "exponential")]
         [0.0, 0.0828, 0.2]
     """
-    if isinstance(num_blocks, bool):
-        raise TypeError(f"num_blocks must be an int, got {num_blocks!r}")
-    try:
-        count = operator.index(num_blocks)
-    except TypeError:
-        raise TypeError(f"num_blocks must be an int, got {num_blocks!r}") from None
-    if count < 0:
-        raise ValueError(f"num_blocks must be >= 0, got {num_blocks!r}")
+    count = check_count("num_blocks", num_blocks, 0)
     top = check_rate("max_drop", max_drop)
     rate_of = _resolve(schedule)
     rates = []
