@@ -117,10 +117,11 @@ class Attacher:
                 if self.make_drop is None
                 else self.make_drop(self, rate, place)
             )
-            _set_placement(drop, Placement(*place, attachment.kind))
+            slot = None
             if attachment.kind is AttachKind.SLOT:
                 slot = self.model.get_submodule(attachment.module)
-                _set_placement(drop, Placement(*place, attachment.kind, slot=slot))
+            _set_placement(drop, Placement(*place, attachment.kind, slot=slot))
+            if slot is not None:
                 self._replace(attachment.module, drop)
             else:
                 self._hook(attachment, drop)

@@ -129,11 +129,16 @@ class _Recorder(TorchFunctionMode):
         self._state_nodes: dict[str, fx.Node] = {}
 
     # -- tensors and nodes ------------------------------------------------------------------
+    def _bound_node(self, tensor: Tensor) -> fx.Node | None:
+        """The node ``tensor`` is bound to, if any (an id reused by a new tensor is not)."""
+        entry = self._nodes.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
     def node_of(self, tensor: Tensor) -> fx.Node:
         """The node whose op last produced (or mutated) ``tensor``; created for new tensors."""
-        entry = self._nodes.get(id(tensor))
-        if entry is not None and entry[0]() is tensor:
-            return entry[1]
+        bound = self._bound_node(tensor)
+        if bound is not None:
+            return bound
         name = self._state_names.get(id(tensor))
         if name is not None:
             node = self._state_nodes.get(name)
@@ -230,9 +235,9 @@ class _Recorder(TorchFunctionMode):
             return
         call = ModuleCall(path, self.call_counts[path])
         self.call_counts[path] += 1
-        entry = self._nodes.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
-        if entry is not None and entry[0]() is args[0]:  # what skipping a block returns instead
-            entry[1].meta.setdefault("module_first_inputs", []).append(call)
+        first = self._bound_node(args[0]) if args and isinstance(args[0], Tensor) else None
+        if first is not None:  # what skipping a block returns instead
+            first.meta.setdefault("module_first_inputs", []).append(call)
         self._stack.append((call, path))
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
