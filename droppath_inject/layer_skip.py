@@ -10,7 +10,8 @@ put back on removal) unless the decision says otherwise:
   returned, in the output structure the block was seen to return (a tensor, or a tuple whose
   first element is the hidden state and whose others are None);
 - row mode: the block runs on the kept rows only (every per-sample tensor argument gathered,
-  positional and keyword), and the kept rows of its output are written into a copy of the input.
+  positional and keyword), and the kept rows of its output replace those of the input in a
+  new tensor.
 
 The class, ``state_dict()`` keys and hooks stay; ``torch.save`` and ``copy.deepcopy`` carry the
 wrapper (a module-level class). A skipped block's parameters get zero gradients through a
@@ -203,8 +204,8 @@ class LayerSkip:
         output = self.run(*inner_args, **inner_kwargs)
         kept_out = output if isinstance(output, Tensor) else output[0]
         dtype = torch.promote_types(hidden.dtype, kept_out.dtype)
-        merged = hidden.to(dtype).clone()
-        return self._wrap(merged.index_copy(0, kept, kept_out.to(dtype)))
+        # out of place: a new tensor, the input itself is left as it was
+        return self._wrap(hidden.to(dtype).index_copy(0, kept, kept_out.to(dtype)))
 
 
 def install(
