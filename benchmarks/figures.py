@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,8 +116,8 @@ def _seeded(build: Callable[[], nn.Module], settings: Settings) -> nn.Module:
     return build().to(settings.device).eval()
 
 
-def _inject(model: nn.Module, x: Tensor, settings: Settings, **options: object) -> nn.Module:
-    return inject_droppath(model, settings.max_drop, example_inputs=x, **options)  # type: ignore[call-overload]
+def _inject(model: nn.Module, x: Tensor, settings: Settings, **options: Any) -> nn.Module:
+    return inject_droppath(model, settings.max_drop, example_inputs=x, **options)
 
 
 def _verify(model: nn.Module, inputs: ExampleInputs, reference: object) -> None:
@@ -142,7 +143,9 @@ def measure_injection(base: nn.Module, x: Tensor, settings: Settings) -> Injecti
     """
     device, inputs = settings.device, ExampleInputs.from_user(x)
     reference = run_eval(base, inputs)[0]
-    _, report = _inject(copy.deepcopy(base), x, settings, return_report=True)  # warm-up
+    _, report = inject_droppath(  # warm-up
+        copy.deepcopy(base), settings.max_drop, example_inputs=x, return_report=True
+    )
     forward = _forward(base, x)
     result = InjectionResult(len(report.injected), [], [], [], [])
     for _ in range(settings.reps):
@@ -247,7 +250,7 @@ def graph_nodes(model: nn.Module) -> int:
 def measure_scaling(family: ScalingFamily, image_size: int, settings: Settings) -> list[ScalingRow]:
     """Figure 5: injection seconds of each depth, the depths interleaved in each repetition."""
     x = settings.input(SCALING_BATCH, image_size)
-    models = {d: _seeded(lambda d=d: family.build(d, image_size), settings) for d in family.depths}
+    models = {d: _seeded(partial(family.build, d, image_size), settings) for d in family.depths}
     rows = {
         d: ScalingRow(family.label.format(depth=d), d, graph_nodes(m)) for d, m in models.items()
     }

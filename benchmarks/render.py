@@ -104,17 +104,17 @@ def _targets(models: Sequence[ModelResult], scaling: dict[str, list[ScalingRow]]
                      "1.00 within noise, no extra allocation", measured,
                      _verdict(_eval_in_noise(m) and _eval_same_work(m))))  # fmt: skip
     for m in models:
-        stat = m.train_ratio(INJECTED, NATIVE)
-        if stat is not None:
+        train = m.train_ratio(INJECTED, NATIVE)
+        if train is not None:
             rows.append(("3. train step, injected / timm native", m.spec.name,
-                         f"<= {TRAIN_TARGET:.2f}", stat.format(),
-                         _verdict(stat.median <= TRAIN_TARGET)))  # fmt: skip
+                         f"<= {TRAIN_TARGET:.2f}", train.format(),
+                         _verdict(train.median <= TRAIN_TARGET)))  # fmt: skip
     for m in models:
-        stat = m.memory_ratio(INJECTED, NATIVE)
-        if stat is not None:
+        memory = m.memory_ratio(INJECTED, NATIVE)
+        if memory is not None:
             rows.append(("4. peak memory, injected / timm native", m.spec.name,
-                         f"<= {MEMORY_TARGET:.2f}", stat.format(),
-                         _verdict(stat.median <= MEMORY_TARGET)))  # fmt: skip
+                         f"<= {MEMORY_TARGET:.2f}", memory.format(),
+                         _verdict(memory.median <= MEMORY_TARGET)))  # fmt: skip
     for name, family in scaling.items():
         stat = scaling_ratio(family)
         label = f"{name} {family[0].depth} -> {family[-1].depth}"

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +49,7 @@ class Case:
     """One row: a model, a drop mode, and the input it is timed on."""
 
     model: str
-    mode: str
+    mode: Literal["row", "batch"]
     batch: int
     size: int
 
