@@ -1,26 +1,33 @@
 """Layer drop: does skipping whole dropped layers save the work? Block granularity, train steps.
 
-``python -m benchmarks.layer_drop [--write] [--smoke]`` times a train step (forward, backward,
-AdamW step) of a small Llama (8 layers, hidden 256, sequence 128) and of timm's vit_small,
-injected with ``granularity="block"`` from the same weights three ways: no drop path (rate 0),
-the mask (``skip_compute=False``) and skipping (``skip_compute=True``), interleaved, each
-triple under the same seed (mask and skip drop the same layers). The ideal ratio is the one of
-the floating-point operations executed in those steps (``torch.utils.flop_counter``, same
-seeds). ``--write`` replaces the layer-drop section of ``benchmarks/RESULTS.md`` only.
+``python -m benchmarks.layer_drop [--write] [--smoke]`` (about 20 minutes on one core) times a
+train step (forward, backward, fused AdamW) of a small Llama (8 layers, hidden 256, sequence
+128) and of timm's vit_small, injected with ``granularity="block"`` from the same weights three
+ways: no drop path (rate 0), the mask (``skip_compute=False``) and skipping
+(``skip_compute=True``), round by round under the same seed (mask and skip drop the same
+layers). The ideal ratio is the one of the floating-point operations executed in those steps
+(``torch.utils.flop_counter``, same seeds); the share of the ideal saving comes with a
+bootstrap interval over the seeded steps. ``malloc`` keeps freed memory during the run
+(``timing.keep_freed_memory``), so that page faults on fresh activations, which cost more for
+some tensor sizes than others, stay out of the ratios. ``--write`` replaces the layer-drop
+section of ``benchmarks/RESULTS.md`` only.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import platform
-import time
+import random
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Literal
 
 import timm
 import torch
@@ -30,11 +37,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from droppath_inject import BlockHandling, inject_droppath
 
-from .timing import Stat
+from .timing import Stat, keep_freed_memory, time_call
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BEGIN, END = "<!-- layer-drop:begin -->", "<!-- layer-drop:end -->"
 VARIANTS = ("none", "mask", "skip")
+CPU = torch.device("cpu")
+TARGET = 0.9  # the share of the ideal saving to reach
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,7 @@ class Case:
     """One row: a model at a size, a drop mode and the largest rate (linear schedule)."""
 
     model: str
-    mode: str
+    mode: Literal["row", "batch"]
     max_drop: float
     batch: int
     size: int  # sequence length, or image side
@@ -50,7 +59,7 @@ class Case:
     width: int = 256
 
 
-def _llama(case: Case) -> tuple[nn.Module, dict[str, Tensor]]:
+def _llama(case: Case) -> tuple[nn.Module, dict[str, Any]]:
     config = LlamaConfig(
         vocab_size=1024, hidden_size=case.width, intermediate_size=case.width * 8 // 3,
         num_hidden_layers=case.layers, num_attention_heads=4, num_key_value_heads=4,
@@ -60,7 +69,7 @@ def _llama(case: Case) -> tuple[nn.Module, dict[str, Tensor]]:
     return LlamaForCausalLM(config), {"input_ids": ids, "labels": ids, "use_cache": False}
 
 
-def _vit(case: Case) -> tuple[nn.Module, dict[str, Tensor]]:
+def _vit(case: Case) -> tuple[nn.Module, dict[str, Any]]:
     model = timm.create_model(
         "vit_small_patch16_224", img_size=case.size, depth=case.layers, embed_dim=case.width
     )
@@ -68,10 +77,15 @@ def _vit(case: Case) -> tuple[nn.Module, dict[str, Tensor]]:
 
 
 BUILDERS = {"llama": _llama, "vit_small": _vit}
+MODES: tuple[tuple[Literal["row", "batch"], float], ...] = (
+    ("batch", 0.2),
+    ("batch", 0.5),
+    ("row", 0.5),
+)
 CASES = tuple(
     Case(model, mode, rate, *sizes)
     for model, sizes in (("llama", (4, 128, 8, 256)), ("vit_small", (8, 112, 12, 384)))
-    for mode, rate in (("batch", 0.2), ("batch", 0.5), ("row", 0.5))
+    for mode, rate in MODES
 )
 SMOKE_CASES = (
     Case("llama", "batch", 0.5, 2, 16, 4, 32),
@@ -79,14 +93,16 @@ SMOKE_CASES = (
 )
 
 
-def _loss(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+def _loss(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
     if "labels" in inputs:
         return model(**inputs).loss
     return model(inputs["x"]).float().square().mean()
 
 
-def _train_step(model: nn.Module, inputs: dict[str, Tensor]) -> Callable[[int], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)  # every step does the same work
+def _train_step(model: nn.Module, inputs: dict[str, Any]) -> Callable[[int], None]:
+    # lr 0: every step does the same work. fused: the fastest AdamW on CPU (the default
+    # for-loop one takes 105 ms of vit_small's 800 ms step here, none of which skipping removes).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
     model.train()
 
     def step(seed: int) -> None:
@@ -104,15 +120,54 @@ def _flops(step: Callable[[int], None], seed: int) -> int:
     return int(counter.get_total_flops())
 
 
-def _seconds(step: Callable[[int], None], seed: int, tries: int) -> float:
-    """The fastest of ``tries`` runs of the same seeded step (the same work each time): other
-    jobs on a shared CPU only ever add time."""
-    best = float("inf")
-    for _ in range(tries):
-        start = time.perf_counter()
-        step(seed)
-        best = min(best, time.perf_counter() - start)
+def _fastest(steps: dict[str, Callable[[int], None]], seed: int, tries: int) -> dict[str, float]:
+    """Seconds of each variant's step under ``seed`` (the same work each time): the fastest of
+    ``tries`` rounds, each round running every variant once in an order rotated by round, so
+    that a slow spell of the shared CPU hits all variants alike and the minimum discards it."""
+    names = list(steps)
+    best = dict.fromkeys(names, float("inf"))
+    for round_ in range(tries):
+        shift = (seed + round_) % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = time_call(lambda: steps[name](seed), CPU, collect=True)  # noqa: B023
+            best[name] = min(best[name], seconds)
     return best
+
+
+@dataclass(frozen=True)
+class Share:
+    """The share of the ideal saving that was measured, with a 95 % bootstrap interval.
+
+    ``(1 - mean measured ratio) / (1 - mean FLOP ratio)`` over the seeded steps: per-step
+    ratios, not sums of times, because each ratio pairs steps timed seconds apart while the
+    machine's speed drifts by more than 10 % over a run. The interval resamples the steps.
+    """
+
+    value: float
+    low: float
+    high: float
+
+    @staticmethod
+    def _of(measured: Sequence[float], ideal: Sequence[float]) -> float:
+        ideal_saving = 1 - statistics.fmean(ideal)
+        return (1 - statistics.fmean(measured)) / ideal_saving if ideal_saving > 0 else math.nan
+
+    @classmethod
+    def of(cls, measured: Sequence[float], ideal: Sequence[float], resamples: int = 2000) -> Share:
+        draw = random.Random(0)
+        indices = range(len(measured))
+        shares = []
+        for _ in range(resamples):
+            picked = draw.choices(indices, k=len(measured))
+            shares.append(cls._of([measured[i] for i in picked], [ideal[i] for i in picked]))
+        finite = sorted(x for x in shares if math.isfinite(x))
+        if not finite:
+            return cls(cls._of(measured, ideal), math.nan, math.nan)
+        low, high = finite[int(0.025 * len(finite))], finite[int(0.975 * len(finite)) - 1]
+        return cls(cls._of(measured, ideal), low, high)
+
+    def format(self) -> str:
+        return f"{self.value:.2f} ({self.low:.2f}–{self.high:.2f})"
 
 
 @dataclass(frozen=True)
@@ -122,8 +177,10 @@ class Row:
     skip_over_mask: Stat  # per-step time ratios
     skip_over_none: Stat
     ideal: Stat  # per-step FLOP ratio, skip / no drop (the mask does all the FLOPs)
-    share: float  # (1 - sum skip time / sum no-drop time) / (1 - sum skip FLOPs / sum none FLOPs)
+    share_of_none: Share  # of the saving against no drop path
+    share_of_mask: Share  # of the saving against the mask
     skipping: str  # blocks that skip / blocks
+    nothing_skipped: list[float]  # skip / no-drop time ratios of the steps that skipped nothing
 
 
 def measure(case: Case, reps: int, warmup: int, tries: int) -> Row:
@@ -149,25 +206,37 @@ def measure(case: Case, reps: int, warmup: int, tries: int) -> Row:
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     flops: dict[str, list[int]] = {"none": [], "skip": []}
     for seed in range(reps):
-        order = VARIANTS[seed % 3 :] + VARIANTS[: seed % 3]
-        for variant in order:
-            times[variant].append(_seconds(steps[variant], seed, tries))
+        for variant, seconds in _fastest(steps, seed, tries).items():
+            times[variant].append(seconds)
         for variant in flops:
             flops[variant].append(_flops(steps[variant], seed))
     per = [a / b for a, b in zip(times["skip"], times["mask"], strict=True)]
     per_none = [a / b for a, b in zip(times["skip"], times["none"], strict=True)]
     ideal = [a / b for a, b in zip(flops["skip"], flops["none"], strict=True)]
-    ideal_saving = 1 - sum(flops["skip"]) / sum(flops["none"])
-    saving = 1 - sum(times["skip"]) / sum(times["none"])
-    share = saving / ideal_saving if ideal_saving > 0 else float("nan")
     none_ms = Stat.of([t * 1e3 for t in times["none"]])
-    return Row(case, none_ms, Stat.of(per), Stat.of(per_none), Stat.of(ideal), share, skipping)
+    return Row(
+        case, none_ms, Stat.of(per), Stat.of(per_none), Stat.of(ideal),
+        Share.of(per_none, ideal), Share.of(per, ideal), skipping,
+        [r for r, i in zip(per_none, ideal, strict=True) if i == 1.0],
+    )  # fmt: skip
+
+
+def _nothing_skipped(ratios: Sequence[float]) -> str:
+    if not ratios:
+        return "none such"
+    return f"{statistics.fmean(ratios):.3f} (mean of {len(ratios)})"
 
 
 def render(
-    rows: Sequence[Row], threads: int, reps: int, tries: int, load: tuple[float, float]
+    rows: Sequence[Row],
+    threads: int,
+    reps: int,
+    tries: int,
+    load: tuple[float, float],
+    kept_memory: bool,
 ) -> str:
-    """The RESULTS.md section; ``load`` is the 1-minute load average before and after."""
+    """The RESULTS.md section; ``load`` is the 1-minute load average before and after,
+    ``kept_memory`` whether ``malloc`` was told to keep freed memory."""
     cpu = platform.processor() or platform.machine()
     lines = [
         BEGIN,
@@ -178,19 +247,31 @@ def render(
         f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; CPU only ({cpu}, "
         f"{os.cpu_count()} cores, 1-minute load average {load[0]:.2f} before the run and "
         f"{load[1]:.2f} after), `torch.set_num_threads({threads})`; "
-        f"torch {torch.__version__}. No GPU was lent to this run, so there are no GPU rows.",
-        '- train step: forward, backward, AdamW; `inject_droppath(granularity="block")`, '
-        f"linear schedule; {reps} seeded steps per variant after a warm-up, the three variants "
-        "interleaved and under the same seed (mask and skip drop the same layers); each time is "
-        f"the fastest of {tries} runs of that same seeded step (other jobs only add time).",
+        f"torch {torch.__version__}; "
+        + (
+            "glibc `malloc` told to keep freed memory (`benchmarks.timing.keep_freed_memory`: "
+            "no page faults on fresh activations)"
+            if kept_memory
+            else "the C library's default `malloc`"
+        )
+        + ". No GPU was lent to this run, so there are no GPU rows.",
+        "- train step: forward, backward, AdamW (`fused=True`); "
+        '`inject_droppath(granularity="block")`, linear schedule; '
+        f"{reps} seeded steps per variant after a warm-up, all three variants under the same "
+        "seed (mask and skip drop the same layers); each time is the fastest of "
+        f"{tries} rounds that run the three variants' step in turn, in a rotated order "
+        "(other jobs only add time, and a slow spell hits every variant).",
         "- *ideal*: executed FLOPs of the skipping step / the no-drop step "
-        "(`torch.utils.flop_counter`, same seeds; the mask executes every FLOP); *share of "
-        "ideal saving*: (1 - Σ skip time / Σ no-drop time) / (1 - Σ skip FLOPs / Σ no-drop "
-        "FLOPs), target >= 0.9.",
+        "(`torch.utils.flop_counter`, same seeds; the mask executes every FLOP). *Share of the "
+        "ideal saving*: (1 - mean measured ratio) / (1 - mean FLOP ratio) over the seeded "
+        "steps, against no drop path and against the mask, with a 95 % bootstrap interval over "
+        "the steps; target >= 0.9. Per-step ratios, not sums of times: each ratio pairs steps "
+        "timed seconds apart, while the machine's speed drifts over a run.",
         "",
         "| model | input | mode | max_drop | blocks skipping | no-drop step ms | ideal skip / "
-        "no drop | measured skip / no drop | measured skip / mask | share of ideal saving |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "no drop | measured skip / no drop | measured skip / mask | share of ideal saving, "
+        "vs no drop | vs mask | skip / no drop, steps that skipped nothing |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         c = row.case
@@ -202,21 +283,30 @@ def render(
         lines.append(
             f"| {c.model} | {shape} | {c.mode} | {c.max_drop} | {row.skipping} | "
             f"{row.none_ms.format(1)} | {row.ideal.format()} | {row.skip_over_none.format()} | "
-            f"{row.skip_over_mask.format()} | {row.share:.2f} |"
+            f"{row.skip_over_mask.format()} | {row.share_of_none.format()} | "
+            f"{row.share_of_mask.format()} | {_nothing_skipped(row.nothing_skipped)} |"
         )
-    met = sum(row.share >= 0.9 for row in rows)
+    shares = [row.share_of_none for row in rows]
+    met = sum(share.value >= TARGET for share in shares)
+    above = sum(share.low >= TARGET for share in shares)
+    below = sum(share.high < TARGET for share in shares)
     spread = max((r.none_ms.high - r.none_ms.low) / r.none_ms.median for r in rows)
     lines += [
         "",
-        f"{met} of {len(rows)} rows reach 0.9 of the ideal saving. Each mode skips every block "
-        "the graph proves skippable; the time ratios scatter widely: the no-drop step, the same "
-        f"work every time, varies by up to {spread:.0%} of its median between steps, and at "
-        "`max_drop=0.2` the ideal saving is a few percent, within that noise. The FLOP count "
-        "leaves out elementwise work and the AdamW step, which a skipped layer does not remove "
-        "(every parameter still gets a gradient), so the ideal overstates the time that can be "
-        "saved. What skipping "
-        "costs beyond the skipped FLOPs: a zero-gradient term per skipped layer (and its zero "
-        "gradients), and in row mode the gathers, the `index_copy` and smaller matmuls.",
+        f"Against no drop path, {met} of {len(rows)} rows reach {TARGET} of the ideal saving; "
+        f"{above} lie at or above it and {below} below it with 95 % confidence, and the "
+        f"intervals of the other {len(rows) - above - below} contain it. The no-drop step, the "
+        f"same work every time, varies by up to {spread:.0%} of its median between steps, so "
+        "where the ideal saving is a few percent (`max_drop=0.2`) the interval is wide. Each "
+        "mode skips every block the graph proves skippable. The FLOP count leaves out "
+        "elementwise work and the AdamW step, which a skipped layer does not remove (every "
+        "parameter still gets a gradient), so the ideal overstates the time that can be saved; "
+        "fused AdamW keeps that part small. Nor does it see what any drop path costs on a kept "
+        "layer, mask and skip alike: drawing the decision and scaling each branch by 1 / keep "
+        "(the last column: steps whose seeds dropped no layer), which weighs most where little "
+        "is skipped. What skipping costs beyond that: a zero-gradient term per skipped layer "
+        "(and its zero gradients), and in row mode the gathers, the `index_copy` and smaller "
+        "matmuls.",
     ]
     return "\n".join([*lines, END]) + "\n"
 
@@ -234,21 +324,25 @@ def write_section(section: str, path: Path = RESULTS) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.layer_drop", description=__doc__)
-    parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--tries", type=int, default=3, help="runs per timed step; fastest kept")
+    parser.add_argument("--reps", type=int, default=20, help="seeded steps per variant")
+    parser.add_argument(
+        "--tries", type=int, default=3, help="rounds per seed, each variant once; fastest kept"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few seconds")
     parser.add_argument("--write", action="store_true", help=f"update {RESULTS.name}")
     parser.add_argument("--only", default="", help="run only the cases of this model")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept_memory = keep_freed_memory()
     cases, reps, warmup, tries = (
-        (SMOKE_CASES, 2, 1, 1) if args.smoke else (CASES, args.reps, 2, args.tries)
+        (SMOKE_CASES, 2, 1, 1) if args.smoke else (CASES, args.reps, 3, args.tries)
     )
     cases = tuple(c for c in cases if not args.only or c.model == args.only)
     load_before = os.getloadavg()[0]
     rows = [measure(case, reps, warmup, tries) for case in cases]
-    section = render(rows, args.threads, reps, tries, (load_before, os.getloadavg()[0]))
+    load = (load_before, os.getloadavg()[0])
+    section = render(rows, args.threads, reps, tries, load, kept_memory)
     print(section)
     if args.write and not args.smoke:
         write_section(section)

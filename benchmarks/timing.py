@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import statistics
 import time
@@ -29,6 +31,26 @@ class Stat:
         """``median (min–max)``, each value multiplied by ``scale``."""
         m, lo, hi = (v * scale for v in (self.median, self.low, self.high))
         return f"{m:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's ``malloc`` keep freed memory for reuse instead of unmapping it.
+
+    PyTorch's CPU tensors come from ``malloc``; by default glibc hands large blocks back to the
+    kernel when they are freed, so every new activation of a train step first takes page
+    faults on fresh pages: thousands per step, more for some tensor sizes than for others.
+    Raising the mmap and trim thresholds (what a caching allocator such as jemalloc gives) takes
+    that size-dependent noise out of CPU timings. Returns False where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and bool(mallopt(m_mmap_threshold, 1 << 25))
 
 
 def synchronize(device: torch.device) -> None:

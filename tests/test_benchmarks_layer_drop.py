@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -52,3 +53,57 @@ def test_write_section_replaces_only_its_own_section(
     assert (
         results.read_text() == f"# Benchmarks\n\nfigure 1\n\n{BEGIN}\nsecond\n{END}\n\n## Later\n"
     )
+
+
+def test_share_is_the_measured_saving_over_the_flop_saving_with_an_interval(
+    layer_drop: ModuleType,
+) -> None:
+    measured = [0.80, 0.78, 0.95, 0.70, 0.85, 0.90]
+    ideal = [0.75, 0.76, 0.88, 0.70, 0.80, 0.82]
+    share = layer_drop.Share.of(measured, ideal)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    assert share.value == pytest.approx((1 - mean(measured)) / (1 - mean(ideal)))
+    assert share.low < share.value < share.high
+    constant = layer_drop.Share.of([0.8] * 5, [0.75] * 5)
+    assert (constant.low, constant.value, constant.high) == pytest.approx((0.8, 0.8, 0.8))
+
+
+def test_fastest_runs_every_variant_once_per_round_in_a_rotated_order(
+    layer_drop: ModuleType,
+) -> None:
+    calls: list[tuple[str, int]] = []
+    steps = {name: (lambda seed, name=name: calls.append((name, seed))) for name in "abc"}
+    best = layer_drop._fastest(steps, 4, tries=3)
+    assert set(best) == {"a", "b", "c"} and all(t > 0 for t in best.values())
+    assert all(seed == 4 for _, seed in calls)
+    rounds = [[name for name, _ in calls[i : i + 3]] for i in range(0, 9, 3)]
+    assert rounds == [["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_stops_page_faults_on_reallocated_tensors() -> None:
+    script = (
+        "import resource, sys, torch\n"
+        "sys.path.insert(0, '.')\n"
+        "from benchmarks.timing import keep_freed_memory\n"
+        "kept = len(sys.argv) > 1 and keep_freed_memory()\n"
+        "torch.set_num_threads(1)\n"
+        "torch.ones(2 ** 22)  # 16 MiB, filled and freed\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "torch.ones(2 ** 22 - 2 ** 16)  # fits in the freed block, or takes fresh pages\n"
+        "print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", script, *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()  # fmt: skip
+        for extra in ([], ["keep"])
+    ]
+    (default_kept, default_faults), (kept, kept_faults) = outputs
+    assert (default_kept, kept) == ("False", "True")
+    assert int(default_faults) >= 2**22 * 4 // 4096 // 2  # fresh pages: one fault each
+    assert int(kept_faults) < 64
