@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from droppath_inject import BlockHandling, inject_droppath
 
-from .timing import Stat, keep_freed_memory, time_call
+from .timing import Stat, interleaved, keep_freed_memory
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BEGIN, END = "<!-- layer-drop:begin -->", "<!-- layer-drop:end -->"
@@ -122,16 +123,14 @@ def _flops(step: Callable[[int], None], seed: int) -> int:
 
 def _fastest(steps: dict[str, Callable[[int], None]], seed: int, tries: int) -> dict[str, float]:
     """Seconds of each variant's step under ``seed`` (the same work each time): the fastest of
-    ``tries`` rounds, each round running every variant once in an order rotated by round, so
-    that a slow spell of the shared CPU hits all variants alike and the minimum discards it."""
+    ``tries`` rounds, each round running every variant once in an order rotated by seed and
+    round, so that a slow spell of the shared CPU hits all variants alike and the minimum
+    discards it."""
     names = list(steps)
-    best = dict.fromkeys(names, float("inf"))
-    for round_ in range(tries):
-        shift = (seed + round_) % len(names)
-        for name in names[shift:] + names[:shift]:
-            seconds = time_call(lambda: steps[name](seed), CPU, collect=True)  # noqa: B023
-            best[name] = min(best[name], seconds)
-    return best
+    shift = seed % len(names)
+    seeded = {name: partial(steps[name], seed) for name in names[shift:] + names[:shift]}
+    times = interleaved(seeded, tries, CPU, warmup=0, collect=True)
+    return {name: min(times[name]) for name in names}
 
 
 @dataclass(frozen=True)
@@ -160,11 +159,11 @@ class Share:
         for _ in range(resamples):
             picked = draw.choices(indices, k=len(measured))
             shares.append(cls._of([measured[i] for i in picked], [ideal[i] for i in picked]))
+        value = cls._of(measured, ideal)
         finite = sorted(x for x in shares if math.isfinite(x))
         if not finite:
-            return cls(cls._of(measured, ideal), math.nan, math.nan)
-        low, high = finite[int(0.025 * len(finite))], finite[int(0.975 * len(finite)) - 1]
-        return cls(cls._of(measured, ideal), low, high)
+            return cls(value, math.nan, math.nan)
+        return cls(value, finite[int(0.025 * len(finite))], finite[int(0.975 * len(finite)) - 1])
 
     def format(self) -> str:
         return f"{self.value:.2f} ({self.low:.2f}–{self.high:.2f})"

@@ -85,12 +85,14 @@ def interleaved(
     warmup: int = 1,
     number: int = 1,
     before: Callable[[int], None] = lambda rep: None,
+    collect: bool = False,
 ) -> dict[str, list[float]]:
     """Seconds per call of each variant in each repetition, the variants run in turn.
 
     Repetition ``r`` runs the variants in an order rotated by ``r`` (A B C, B C A, C A B, ...)
     so that drift and position effects hit every variant alike. ``before(r)`` runs, untimed,
-    before each timed call (e.g. to seed the RNG identically for every variant).
+    before each timed call (e.g. to seed the RNG identically for every variant); ``collect``
+    as in ``time_call``.
     """
     names = list(variants)
     for _ in range(warmup):
@@ -102,7 +104,7 @@ def interleaved(
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
             before(rep)
-            times[name].append(time_call(variants[name], device, number))
+            times[name].append(time_call(variants[name], device, number, collect=collect))
     return times
 
 
