@@ -100,10 +100,20 @@ def _loss(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
     return model(inputs["x"]).float().square().mean()
 
 
-def _train_step(model: nn.Module, inputs: dict[str, Any]) -> Callable[[int], None]:
-    # lr 0: every step does the same work. fused: the fastest AdamW on CPU (the default
-    # for-loop one takes 105 ms of vit_small's 800 ms step here, none of which skipping removes).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
+def _share_parameters(model: nn.Module, base: nn.Module) -> None:
+    """Make ``model`` (an injected copy of ``base``) hold ``base``'s parameter objects, so that
+    every variant reads the same memory: copies land at different addresses, and that alone
+    made the same step differ by up to 4 % between copies."""
+    originals = dict(base.named_parameters(remove_duplicate=False))
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None:
+                module._parameters[name] = originals[f"{module_name}.{name}".lstrip(".")]
+
+
+def _train_step(
+    model: nn.Module, inputs: dict[str, Any], optimizer: torch.optim.Optimizer
+) -> Callable[[int], None]:
     model.train()
 
     def step(seed: int) -> None:
@@ -113,6 +123,12 @@ def _train_step(model: nn.Module, inputs: dict[str, Any]) -> Callable[[int], Non
         optimizer.step()
 
     return step
+
+
+def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    # lr 0: every step does the same work. fused: the fastest AdamW on CPU (the default
+    # for-loop one takes 105 ms of vit_small's 800 ms step here, none of which skipping removes).
+    return torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
 
 
 def _flops(step: Callable[[int], None], seed: int) -> int:
@@ -185,6 +201,7 @@ class Row:
 def measure(case: Case, reps: int, warmup: int, tries: int) -> Row:
     torch.manual_seed(0)
     base, inputs = BUILDERS[case.model](case)
+    optimizer = _optimizer(base)
     steps = {}
     for variant in VARIANTS:
         with warnings.catch_warnings():
@@ -194,7 +211,8 @@ def measure(case: Case, reps: int, warmup: int, tries: int) -> Row:
                 mode=case.mode, granularity="block", skip_compute=variant == "skip",
                 example_inputs=inputs, return_report=True,
             )  # fmt: skip
-        steps[variant] = _train_step(model, inputs)
+        _share_parameters(model, base)
+        steps[variant] = _train_step(model, inputs, optimizer)
         if variant == "skip":
             assert report.layer_drop is not None
             blocks = report.layer_drop.blocks
@@ -220,6 +238,52 @@ def measure(case: Case, reps: int, warmup: int, tries: int) -> Row:
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class HalfBatch:
+    """The model's own step (no injection) on half the batch against the whole batch: how
+    closely time follows the number of rows on this machine at this size, with no drop path
+    involved. Row mode runs kept layers on fewer rows, so this is the saving it can hope for."""
+
+    case: Case
+    full_ms: Stat
+    half_ms: Stat
+    ideal: float  # FLOP ratio, half / whole batch
+    share: Share
+
+
+def measure_half_batch(case: Case, reps: int, warmup: int, tries: int) -> HalfBatch:
+    torch.manual_seed(0)
+    model, inputs = BUILDERS[case.model](case)
+    half = {k: v[: case.batch // 2] if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    optimizer = _optimizer(model)
+    steps = {
+        "full": _train_step(model, inputs, optimizer),
+        "half": _train_step(model, half, optimizer),
+    }
+    for seed in range(warmup):
+        for step in steps.values():
+            step(10_000 + seed)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for seed in range(reps):
+        for name, seconds in _fastest(steps, seed, tries).items():
+            times[name].append(seconds)
+    ideal = _flops(steps["half"], 0) / _flops(steps["full"], 0)  # no drop: the same every seed
+    per = [a / b for a, b in zip(times["half"], times["full"], strict=True)]
+    return HalfBatch(
+        case,
+        Stat.of([t * 1e3 for t in times["full"]]),
+        Stat.of([t * 1e3 for t in times["half"]]),
+        ideal,
+        Share.of(per, [ideal] * len(per)),
+    )
+
+
+def _shape(case: Case) -> str:
+    if case.model == "llama":
+        return f"{case.batch}×{case.size} tokens, {case.layers} layers × {case.width}"
+    return f"{case.batch}×3×{case.size}×{case.size}, {case.layers} blocks × {case.width}"
+
+
 def _nothing_skipped(ratios: Sequence[float]) -> str:
     if not ratios:
         return "none such"
@@ -228,6 +292,7 @@ def _nothing_skipped(ratios: Sequence[float]) -> str:
 
 def render(
     rows: Sequence[Row],
+    halves: Sequence[HalfBatch],
     threads: int,
     reps: int,
     tries: int,
@@ -274,13 +339,8 @@ def render(
     ]
     for row in rows:
         c = row.case
-        shape = (
-            f"{c.batch}×{c.size} tokens, {c.layers} layers × {c.width}"
-            if c.model == "llama"
-            else f"{c.batch}×3×{c.size}×{c.size}, {c.layers} blocks × {c.width}"
-        )
         lines.append(
-            f"| {c.model} | {shape} | {c.mode} | {c.max_drop} | {row.skipping} | "
+            f"| {c.model} | {_shape(c)} | {c.mode} | {c.max_drop} | {row.skipping} | "
             f"{row.none_ms.format(1)} | {row.ideal.format()} | {row.skip_over_none.format()} | "
             f"{row.skip_over_mask.format()} | {row.share_of_none.format()} | "
             f"{row.share_of_mask.format()} | {_nothing_skipped(row.nothing_skipped)} |"
@@ -307,7 +367,39 @@ def render(
         "(and its zero gradients), and in row mode the gathers, the `index_copy` and smaller "
         "matmuls.",
     ]
+    if halves:
+        lines += ["", *_render_halves(rows, halves)]
     return "\n".join([*lines, END]) + "\n"
+
+
+def _render_halves(rows: Sequence[Row], halves: Sequence[HalfBatch]) -> list[str]:
+    """The half-batch reference table, and each row-mode share beside its model's."""
+    lines = [
+        "How far time follows the number of rows here, with no drop path at all: the model's own "
+        "train step (not injected) on the first half of the batch against the whole batch, timed "
+        "the same way over the same seeds. A row-mode layer runs on its kept rows only, so this "
+        "share is about the most row mode can reach on this machine at these sizes: smaller "
+        "matmuls use the CPU less well, and a layer's fixed cost per call stays.",
+        "",
+        "| model | input | whole-batch step ms | half-batch step ms | ideal half / whole | "
+        "share of ideal saving |",
+        "|---|---|---|---|---|---|",
+    ]
+    for half in halves:
+        lines.append(
+            f"| {half.case.model} | {_shape(half.case)} | {half.full_ms.format(1)} | "
+            f"{half.half_ms.format(1)} | {half.ideal:.2f} | {half.share.format()} |"
+        )
+    compared = [
+        f"{row.case.model} at max_drop {row.case.max_drop} {row.share_of_none.format()} against "
+        f"{half.share.format()} on half the batch"
+        for half in halves
+        for row in rows
+        if row.case.mode == "row" and row.case.model == half.case.model
+    ]
+    if compared:
+        lines += ["", "Row mode's share of the ideal saving: " + "; ".join(compared) + "."]
+    return lines
 
 
 def write_section(section: str, path: Path = RESULTS) -> None:
@@ -340,8 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = tuple(c for c in cases if not args.only or c.model == args.only)
     load_before = os.getloadavg()[0]
     rows = [measure(case, reps, warmup, tries) for case in cases]
+    halves = [measure_half_batch(c, reps, warmup, tries) for c in cases if c.mode == "row"]
     load = (load_before, os.getloadavg()[0])
-    section = render(rows, args.threads, reps, tries, load, kept_memory)
+    section = render(rows, halves, args.threads, reps, tries, load, kept_memory)
     print(section)
     if args.write and not args.smoke:
         write_section(section)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import platform
@@ -31,14 +32,23 @@ def test_layer_drop_benchmark_smoke_prints_ideal_and_measured_ratios() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("| llama", "| vit"))]
+    tables = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in result.stdout.splitlines()
+        if line.startswith(("| llama", "| vit"))
+    ]
+    rows = [cells for cells in tables if len(cells) == 12]
     assert len(rows) == 2
-    ratio = r"\d+\.\d+ \(\d+\.\d+–\d+\.\d+\)"
-    for row in rows:
-        cells = [cell.strip() for cell in row.strip("|").split("|")]
+    ratio = r"-?\d+\.\d+ \(-?\d+\.\d+–-?\d+\.\d+\)"
+    for cells in rows:
         assert cells[4] == "4/4"  # every block of both models is proven skippable
         assert all(re.fullmatch(ratio, cells[i]) for i in (6, 7, 8))
         assert 0 < float(cells[6].split()[0]) < 1  # at max_drop 0.5 some layer was skipped
+    # the half-batch reference: one row per model with a row-mode case
+    halves = [cells for cells in tables if len(cells) == 6]
+    assert [cells[0] for cells in halves] == ["vit_small"]
+    assert halves[0][4] == "0.50"  # half the rows, half the FLOPs
+    assert re.fullmatch(ratio, halves[0][5])
 
 
 def test_write_section_replaces_only_its_own_section(
@@ -53,6 +63,26 @@ def test_write_section_replaces_only_its_own_section(
     assert (
         results.read_text() == f"# Benchmarks\n\nfigure 1\n\n{BEGIN}\nsecond\n{END}\n\n## Later\n"
     )
+
+
+def test_shared_parameters_are_the_base_models_own_objects(layer_drop: ModuleType) -> None:
+    import timm
+    import torch
+
+    from droppath_inject import inject_droppath
+
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, embed_dim=48)
+    x = torch.randn(2, 3, 32, 32)
+    model = inject_droppath(
+        copy.deepcopy(base), 0.5, granularity="block", skip_compute=True, example_inputs=(x,)
+    )
+    assert not any(p is q for p, q in zip(model.parameters(), base.parameters(), strict=True))
+    layer_drop._share_parameters(model, base)
+    assert all(p is q for p, q in zip(model.parameters(), base.parameters(), strict=True))
+    with torch.no_grad():
+        base.patch_embed.proj.weight.add_(1.0)  # a change to the base is seen by the copy
+    assert torch.equal(base.eval()(x), model.eval()(x))
 
 
 def test_share_is_the_measured_saving_over_the_flop_saving_with_an_interval(
