@@ -256,6 +256,51 @@ def test_timm_vit_pickle_round_trip(tmp_path: Path) -> None:
     assert report["written_verification"]["compared_elements"] == 1000
 
 
+# Run in a fresh process: how the written model's blocks drop in training.
+CHECK_LAYER_DROP = """
+import json, sys, torch
+from droppath_inject.block_gate import BlockDropPath
+from droppath_inject.layer_skip import LayerSkip
+written = torch.load(sys.argv[1], weights_only=False).train()
+skips = [vars(block).get("forward") for block in written.blocks]
+torch.manual_seed(0)
+for _ in range(8):
+    written(torch.randn(4, 3, 32, 32)).sum().backward()
+print(json.dumps({
+    "block_drop_paths": [
+        sum(isinstance(m, BlockDropPath) for m in block.modules()) for block in written.blocks
+    ],
+    "layer_skips": sum(isinstance(skip, LayerSkip) for skip in skips),
+    "skipped_or_gathered": sum(s.skipped_calls + s.gathered_calls for s in skips),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_block_granularity_and_skip_compute_write_a_layer_dropping_model(tmp_path: Path) -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4)
+    torch.save(vit, tmp_path / "vit.pt")
+    result = run_cli(
+        "vit.pt", "--trust-pickle", "--input-shape", "1,3,32,32", "--max-drop", "0.5",
+        "--granularity", "block", "--skip-compute", "--json", "report.json", cwd=tmp_path,
+    )  # fmt: skip
+    assert_ok(result)
+    report = json.loads((tmp_path / "report.json").read_text())
+    layer_drop = report["layer_drop"]
+    assert layer_drop["granularity"] == "block"
+    assert [b["handling"] for b in layer_drop["blocks"]] == ["skips compute"] * len(vit.blocks)
+    found = subprocess.run(
+        [sys.executable, "-c", CHECK_LAYER_DROP, str(tmp_path / "vit_droppath.pt")],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    written = json.loads(found.stdout)
+    assert written["block_drop_paths"] == [2] * len(vit.blocks)  # attention and MLP branches
+    assert written["layer_skips"] == len(vit.blocks)
+    assert written["skipped_or_gathered"] > 0  # at rates up to 0.5, 8 steps of 4 samples
+
+
 @pytest.mark.slow
 def test_spec_without_weights_writes_to_the_current_directory(tmp_path: Path) -> None:
     result = run_cli("torchvision:resnet18", "--input-shape", SMALL, cwd=tmp_path)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .. import __version__
+from ..granularity import Granularity
 from ..layers import MODES
 from ..schedule import SCHEDULES
 from .inputs import INPUT_DTYPES
@@ -137,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--schedule", choices=SCHEDULES, default="linear", help="rates by depth")
     parser.add_argument(
         "--mode", choices=MODES, default="row", help="row: per sample; batch: per batch"
+    )
+    parser.add_argument(
+        "--granularity",
+        choices=[g.value for g in Granularity],
+        default=Granularity.BRANCH.value,
+        help="branch: a decision per residual branch; block: one per block, shared by its "
+        "branches (layer drop)",
+    )
+    parser.add_argument(
+        "--skip-compute",
+        action="store_true",
+        help="in training, do not compute what is dropped (a dropped block is not run, or runs "
+        "on its kept rows); the same expected output as the mask",
     )
     _add_input_options(parser)
     parser.add_argument(

@@ -138,6 +138,8 @@ def _inject(
                 args.max_drop,
                 schedule=args.schedule,
                 mode=args.mode,
+                granularity=args.granularity,
+                skip_compute=args.skip_compute,
                 example_inputs=inputs,
                 verify=not args.no_verify,
                 return_report=True,
