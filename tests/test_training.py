@@ -254,6 +254,36 @@ def test_rate_changes_while_training_compile_at_most_twice(name: str) -> None:
     assert 1 <= counter.frame_count <= 2
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("skip_compute", [False, True], ids=["mask", "skip"])
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_block_granularity_compiled_train_steps_are_the_eager_ones(
+    mode: str, skip_compute: bool
+) -> None:
+    """One decision per block, masked or skipped: compiled steps equal eager ones bit for bit
+    (skipping reads its decision in Python, so dynamo breaks the graph there)."""
+    original = BUILDERS["vit_tiny"]()
+    injected = inject_droppath(
+        copy.deepcopy(original), 0.5, mode=mode, granularity="block",  # type: ignore[arg-type]
+        skip_compute=skip_compute, example_inputs=images(2),
+    )  # fmt: skip
+    compiled = torch.compile(injected, backend="aot_eager")
+    skips = [vars(block)["forward"] for block in injected.blocks] if skip_compute else []
+    x = images()
+    steps_that_dropped = compiled_skips = 0
+    for step in range(6):
+        expected, expected_grads = train_step(injected, x, seed=step)
+        before = sum(s.skipped_calls + s.gathered_calls for s in skips)
+        out, grads = train_step(compiled, x, seed=step)
+        compiled_skips += sum(s.skipped_calls + s.gathered_calls for s in skips) - before
+        assert torch.equal(out, expected), step
+        assert_same_grads(expected_grads, grads)
+        steps_that_dropped += not torch.equal(expected, train_step(original, x, seed=step)[0])
+    assert steps_that_dropped > 0
+    assert compiled_skips > 0 if skip_compute else not skips  # compiled code skipped too
+
+
 class Mlp(nn.Module):
     """``x + fc2(relu(fc1(x)))``: a residual block small enough for a quick inductor build."""
 
