@@ -11,7 +11,9 @@ put back on removal) unless the decision says otherwise:
   first element is the hidden state and whose others are None);
 - row mode: the block runs on the kept rows only (every per-sample tensor argument gathered,
   positional and keyword), and the kept rows of its output replace those of the input in a
-  new tensor.
+  new tensor. A Hugging Face ``DynamicCache`` that holds nothing yet for the block's layer, in
+  a forward that records gradients (a training step with ``use_cache``, Hugging Face's default),
+  is passed on as it is: the kept rows fill it. Any other cache runs the block masked.
 
 The class, ``state_dict()`` keys and hooks stay; ``torch.save`` and ``copy.deepcopy`` carry the
 wrapper (a module-level class). A skipped block's parameters get zero gradients through a
@@ -21,8 +23,10 @@ and every rank reduces every gradient even when ranks decide differently.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -41,9 +45,45 @@ def _plain(value: object) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device))
 
 
-def _gather(value: Any, rows: Tensor, batch: int) -> Any:
-    """``value`` with per-sample tensors gathered by ``rows``; broadcast ones (first dimension 1)
-    and plain values kept; anything whose layout is unclear refuses."""
+def _is_cache(value: object) -> bool:
+    """A Hugging Face key/value cache (``transformers.Cache``), recognised by its methods."""
+    return callable(getattr(value, "get_seq_length", None)) and callable(
+        getattr(value, "update", None)
+    )
+
+
+def _layer_index(module: nn.Module) -> int | None:
+    """The ``layer_idx`` under which ``module``'s attention writes to a cache, if exactly one."""
+    found = {
+        index
+        for sub in module.modules()
+        if isinstance(index := getattr(sub, "layer_idx", None), int) and not isinstance(index, bool)
+    }
+    return found.pop() if len(found) == 1 else None
+
+
+def _fillable(cache: object, layer_index: int | None) -> bool:
+    """Whether the kept rows alone may fill ``cache`` for this layer: a plain ``DynamicCache``
+    with nothing stored for it yet, in a forward that records gradients (a training step; not
+    ``generate()``, whose next call would read the layer's keys back for every row)."""
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    dynamic = getattr(cache_utils, "DynamicCache", None)
+    if dynamic is None or type(cache) is not dynamic or layer_index is None:
+        return False
+    if not torch.is_grad_enabled():
+        return False
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return False
+    if layer_index >= len(layers):
+        return True  # a cache that adds its layers as they are first written
+    return getattr(layers[layer_index], "is_initialized", True) is False
+
+
+def _gather(value: Any, rows: Tensor, batch: int, fillable: Callable[[object], bool]) -> Any:
+    """``value`` with per-sample tensors gathered by ``rows``; broadcast ones (first dimension 1),
+    plain values and caches the kept rows may fill kept; anything whose layout is unclear
+    refuses."""
     if isinstance(value, Tensor):
         if value.ndim == 0 or (value.shape[0] == 1 and batch > 1):
             return value
@@ -55,12 +95,19 @@ def _gather(value: Any, rows: Tensor, batch: int) -> Any:
             raise Refused(f"a tensor of shape {tuple(value.shape)} is ambiguous")
         return value.index_select(0, rows)
     if isinstance(value, (tuple, list)):
-        gathered = [_gather(v, rows, batch) for v in value]
+        gathered = [_gather(v, rows, batch, fillable) for v in value]
         return type(value)(gathered) if type(value) in (tuple, list) else gathered
     if isinstance(value, dict):
-        return {k: _gather(v, rows, batch) for k, v in value.items()}
+        return {k: _gather(v, rows, batch, fillable) for k, v in value.items()}
     if _plain(value):
         return value
+    if _is_cache(value):
+        if fillable(value):
+            return value
+        raise Refused(
+            f"a {type(value).__name__} that holds this layer's keys already, or is read without "
+            "gradients, cannot be split by rows; pass use_cache=False in training"
+        )
     raise Refused(f"an argument of type {type(value).__name__} cannot be split by rows")
 
 
@@ -107,6 +154,7 @@ class LayerSkip:
         self.previous = previous
         self.batch_norms = batch_norms
         self.gather_batch_norm = gather_batch_norm
+        self.layer_index = _layer_index(module)  # where its attention writes to a cache
         self.structure: int | None | bool = False  # False: not seen yet
         self.skipped_calls = 0  # training calls that did not run the block
         self.gathered_calls = 0  # training calls that ran it on some rows only
@@ -173,8 +221,7 @@ class LayerSkip:
         """Count a call that runs masked instead of on the kept rows; warn on the first."""
         if not self.masked_calls:
             warnings.warn(
-                f"{type(self.module).__name__} runs masked, not on the kept rows ({reason}); "
-                "a Hugging Face cache cannot be split by rows: pass use_cache=False in training",
+                f"{type(self.module).__name__} runs masked, not on the kept rows ({reason})",
                 DropPathWarning,
                 stacklevel=4,
             )
@@ -193,9 +240,10 @@ class LayerSkip:
         if self.batch_norms and not self.gather_batch_norm:
             self._refuse("training BatchNorm: batch statistics would change")
             return self._full(args, kwargs)
+        fillable = partial(_fillable, layer_index=self.layer_index)
         try:
-            inner_args = (gather_rows(hidden, kept), *_gather(args[1:], kept, batch))
-            inner_kwargs = _gather(kwargs, kept, batch)
+            inner_args = (gather_rows(hidden, kept), *_gather(args[1:], kept, batch, fillable))
+            inner_kwargs = _gather(kwargs, kept, batch, fillable)
         except Refused as refusal:
             self._refuse(str(refusal))
             return self._full(args, kwargs)

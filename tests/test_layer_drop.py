@@ -119,9 +119,7 @@ def test_rate_zero_training_is_the_original(family: str, skip_compute: bool) -> 
 @pytest.mark.parametrize("mode", ["row", "batch"])
 @pytest.mark.parametrize("family", list(ldm.FAMILIES))
 def test_skip_matches_mask(family: str, mode: str) -> None:
-    model, inputs = ldm.build(family)
-    if family in ("llama", "gpt2"):
-        inputs = {**inputs, "use_cache": False}  # a cache cannot be split by rows
+    model, inputs = ldm.build(family)  # Hugging Face's default use_cache: a cache each forward
     masked, _ = inject(copy.deepcopy(model), inputs, mode=mode)
     skipping, report = inject(copy.deepcopy(model), inputs, mode=mode, skip_compute=True)
     proven = ldm.FAMILIES[family][2]
@@ -143,13 +141,11 @@ def test_skip_matches_mask(family: str, mode: str) -> None:
     assert not proven or mode == "row" or sum(s.skipped_calls for s in skips) > 0
 
 
-def test_row_mode_runs_only_kept_rows() -> None:
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_row_mode_runs_only_kept_rows(use_cache: bool) -> None:
     model, inputs = ldm.build("llama")
     model, _ = inject(model, inputs, mode="row", skip_compute=True)
-    with pytest.warns(DropPathWarning, match="use_cache=False"):
-        train_step(model, inputs, 0)  # a cache cannot be split by rows: masked, and said so
-    assert all(s.masked_calls == 1 and "Cache" in s.last_refusal for s in skips_of(model).values())
-    inputs = {**inputs, "use_cache": False}
+    inputs = {**inputs, "use_cache": use_cache}
     seen: list[int] = []
     model.model.layers[1].mlp.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
     for seed in range(6):
@@ -158,7 +154,43 @@ def test_row_mode_runs_only_kept_rows() -> None:
         gate = gates(model)["model.layers.1"]
         assert gate.scale is not None
         assert seen == [int((gate.scale > 0).sum())] or seen == [] and not (gate.scale > 0).any()
-    assert all(s.masked_calls == 1 for s in skips_of(model).values())
+    skips = skips_of(model).values()
+    assert all(s.masked_calls == 0 for s in skips) and sum(s.gathered_calls for s in skips) > 0
+
+
+def test_a_training_cache_holds_the_rows_each_layer_ran_on() -> None:
+    model, inputs = ldm.build("llama", layers=4)
+    model, _ = inject(model, inputs, mode="row", skip_compute=True)
+    model.train()
+    kept: dict[int, int] = {}
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_hook(
+            lambda m, a, o, index=index: kept.__setitem__(index, o[0].shape[0])
+        )
+    torch.manual_seed(0)
+    cache = model(**inputs).past_key_values
+    assert kept and any(rows < ldm.BATCH for rows in kept.values())  # some layer ran on fewer
+    for index, layer in enumerate(cache.layers):
+        assert (layer.keys.shape[0] if layer.is_initialized else None) == kept.get(index)
+
+
+def test_a_cache_that_holds_keys_or_feeds_no_gradients_runs_masked() -> None:
+    model, inputs = ldm.build("llama")
+    model, _ = inject(model, inputs, mode="row", skip_compute=True)
+    with torch.no_grad():
+        past = model.eval()(**inputs).past_key_values  # every layer holds all 8 rows
+    model.train()
+    with pytest.warns(DropPathWarning, match="holds this layer's keys already.*use_cache=False"):
+        torch.manual_seed(0)
+        out = model(input_ids=ldm.tokens()["input_ids"], cache=past)
+    assert out.logits.shape[0] == ldm.BATCH
+    assert all(layer.keys.shape[:3:2] == (ldm.BATCH, 2 * ldm.SEQUENCE) for layer in past.layers)
+    skips = skips_of(model).values()
+    assert all(s.masked_calls == 1 and "DynamicCache" in s.last_refusal for s in skips)
+    with torch.no_grad():  # a training-mode forward without gradients, as generate() runs
+        torch.manual_seed(1)
+        model(**inputs)
+    assert all(s.masked_calls == 2 for s in skips)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
