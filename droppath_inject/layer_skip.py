@@ -12,8 +12,9 @@ put back on removal) unless the decision says otherwise:
 - row mode: the block runs on the kept rows only (every per-sample tensor argument gathered,
   positional and keyword), and the kept rows of its output replace those of the input in a
   new tensor. A Hugging Face ``DynamicCache`` that holds nothing yet for the block's layer, in
-  a forward that records gradients (a training step with ``use_cache``, Hugging Face's default),
-  is passed on as it is: the kept rows fill it. Any other cache runs the block masked.
+  a forward that records gradients (a training step while ``config.use_cache`` is on, as the
+  models have it by default), is passed on as it is: the kept rows fill it. Any other cache
+  runs the block masked.
 
 The class, ``state_dict()`` keys and hooks stay; ``torch.save`` and ``copy.deepcopy`` carry the
 wrapper (a module-level class). A skipped block's parameters get zero gradients through a

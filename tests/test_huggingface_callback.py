@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,14 @@ import pytest
 import torch
 from torch import nn
 
-from droppath_inject import DropPath, DropPathScheduler, inject_droppath
+from droppath_inject import (
+    DropPath,
+    DropPathScheduler,
+    DropPathWarning,
+    inject_droppath,
+    remove_droppath,
+)
+from droppath_inject.layer_drop import skips_of
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -126,6 +134,31 @@ def test_trainer_run_applies_and_logs_the_curriculum(tmp_path: Path) -> None:
         assert entry[LOG_KEY] == pytest.approx(warmup_rate(entry["step"] - 1), rel=1e-12)
     later = [logs for logs in recorder.seen if "loss" in logs]
     assert [logs[LOG_KEY] for logs in later] == [entry[LOG_KEY] for entry in step_logs]
+
+
+def test_trainer_run_skips_dropped_rows_with_the_cache_on(tmp_path: Path) -> None:
+    """Layer drop under a Trainer that keeps the cache on (``use_cache=True``; the Trainer turns
+    it off by default): every training forward gets a fresh cache, which the kept rows fill, so
+    no layer falls back to the mask."""
+    model = tiny_llama()
+    remove_droppath(model)
+    ids = torch.randint(0, VOCAB, (2, SEQUENCE), generator=torch.Generator().manual_seed(1))
+    options = {"granularity": "block", "skip_compute": True}
+    inject_droppath(model, max_drop=0.5, example_inputs={"input_ids": ids}, **options)
+    trainer = transformers.Trainer(
+        model=model,
+        args=training_arguments(tmp_path, per_device_train_batch_size=4, use_cache=True),
+        train_dataset=token_dataset(20),
+        callbacks=[DropPathCallback(DropPathScheduler.warmup(model, 0.5, steps=2))],
+    )
+    assert model.config.use_cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DropPathWarning)
+        trainer.train()
+    skips = skips_of(model).values()
+    assert len(skips) == LAYERS
+    assert all(s.masked_calls == 0 for s in skips)
+    assert sum(s.gathered_calls + s.skipped_calls for s in skips) > 0
 
 
 def test_training_starts_at_the_trainers_global_step_and_keeps_a_given_length() -> None:
