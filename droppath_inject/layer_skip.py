@@ -24,7 +24,6 @@ and every rank reduces every gradient even when ranks decide differently.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from .block_gate import LayerGate
 from .errors import DropPathInjectError, DropPathWarning
 from .layers import gather_rows
+from .row_caches import fillable_by_rows, is_cache, layer_index
 
 
 class Refused(Exception):
@@ -44,41 +44,6 @@ class Refused(Exception):
 
 def _plain(value: object) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device))
-
-
-def _is_cache(value: object) -> bool:
-    """A Hugging Face key/value cache (``transformers.Cache``), recognised by its methods."""
-    return callable(getattr(value, "get_seq_length", None)) and callable(
-        getattr(value, "update", None)
-    )
-
-
-def _layer_index(module: nn.Module) -> int | None:
-    """The ``layer_idx`` under which ``module``'s attention writes to a cache, if exactly one."""
-    found = {
-        index
-        for sub in module.modules()
-        if isinstance(index := getattr(sub, "layer_idx", None), int) and not isinstance(index, bool)
-    }
-    return found.pop() if len(found) == 1 else None
-
-
-def _fillable(cache: object, layer_index: int | None) -> bool:
-    """Whether the kept rows alone may fill ``cache`` for this layer: a plain ``DynamicCache``
-    with nothing stored for it yet, in a forward that records gradients (a training step; not
-    ``generate()``, whose next call would read the layer's keys back for every row)."""
-    cache_utils = sys.modules.get("transformers.cache_utils")
-    dynamic = getattr(cache_utils, "DynamicCache", None)
-    if dynamic is None or type(cache) is not dynamic or layer_index is None:
-        return False
-    if not torch.is_grad_enabled():
-        return False
-    layers = getattr(cache, "layers", None)
-    if not isinstance(layers, list):
-        return False
-    if layer_index >= len(layers):
-        return True  # a cache that adds its layers as they are first written
-    return getattr(layers[layer_index], "is_initialized", True) is False
 
 
 def _gather(value: Any, rows: Tensor, batch: int, fillable: Callable[[object], bool]) -> Any:
@@ -102,7 +67,7 @@ def _gather(value: Any, rows: Tensor, batch: int, fillable: Callable[[object], b
         return {k: _gather(v, rows, batch, fillable) for k, v in value.items()}
     if _plain(value):
         return value
-    if _is_cache(value):
+    if is_cache(value):
         if fillable(value):
             return value
         raise Refused(
@@ -155,7 +120,7 @@ class LayerSkip:
         self.previous = previous
         self.batch_norms = batch_norms
         self.gather_batch_norm = gather_batch_norm
-        self.layer_index = _layer_index(module)  # where its attention writes to a cache
+        self.layer_index = layer_index(module)  # where its attention writes to a cache
         self.structure: int | None | bool = False  # False: not seen yet
         self.skipped_calls = 0  # training calls that did not run the block
         self.gathered_calls = 0  # training calls that ran it on some rows only
@@ -241,7 +206,7 @@ class LayerSkip:
         if self.batch_norms and not self.gather_batch_norm:
             self._refuse("training BatchNorm: batch statistics would change")
             return self._full(args, kwargs)
-        fillable = partial(_fillable, layer_index=self.layer_index)
+        fillable = partial(fillable_by_rows, index=self.layer_index)
         try:
             inner_args = (gather_rows(hidden, kept), *_gather(args[1:], kept, batch, fillable))
             inner_kwargs = _gather(kwargs, kept, batch, fillable)
