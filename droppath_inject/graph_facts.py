@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -80,11 +81,13 @@ def is_inplace_add(node: fx.Node) -> bool:
     return node.target in _INPLACE_ADDS
 
 
-def data_derived(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes that depend on a forward argument (not only on parameters and constants)."""
+def data_derived(graph: fx.Graph, shared: Collection[str] = ()) -> set[fx.Node]:
+    """Nodes that depend on a forward argument (not only on parameters and constants); the
+    placeholders named in ``shared`` hold the model's own state, not data."""
     derived: set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op == "placeholder" or any(n in derived for n in node.all_input_nodes):
+        argument = node.op == "placeholder" and node.target not in shared
+        if argument or any(n in derived for n in node.all_input_nodes):
             derived.add(node)
     return derived
 

@@ -16,7 +16,7 @@ same samples on the CPU; batch-mode decisions are always drawn on the CPU (no de
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -114,8 +114,11 @@ def _batch_norms(graph_module: fx.GraphModule, nodes: Sequence[fx.Node]) -> tupl
     )
 
 
-def cut_branch(graph_module: fx.GraphModule, site: ResidualSite) -> BranchCut | NoCut:
-    """Plan cutting ``site``'s branch out of the graph, or say why it cannot be cut."""
+def cut_branch(
+    graph_module: fx.GraphModule, site: ResidualSite, shared: Collection[str] = ()
+) -> BranchCut | NoCut:
+    """Plan cutting ``site``'s branch out of the graph, or say why it cannot be cut; the
+    placeholders named in ``shared`` hold the model's state, so they are never gathered."""
     graph = graph_module.graph
     if is_inplace_add(site.add) and site.add.args[0] is site.skip:
         return NoCut("in-place add into the skip")  # later readers of the skip see the sum
@@ -132,7 +135,7 @@ def cut_branch(graph_module: fx.GraphModule, site: ResidualSite) -> BranchCut | 
     for node in nodes:
         inputs += [n for n in node.all_input_nodes if n not in moved and n not in inputs]
     batch = _batch_size(site.add)
-    derived = data_derived(graph)
+    derived = data_derived(graph, shared)
     per_sample = tuple(
         n is site.fork or (n in derived and batch is not None and _batch_size(n) == batch)
         for n in inputs
@@ -156,19 +159,20 @@ def cut_branch(graph_module: fx.GraphModule, site: ResidualSite) -> BranchCut | 
 
 
 def plan_cuts(
-    graph_module: fx.GraphModule, sites: Sequence[ResidualSite]
+    graph_module: fx.GraphModule, sites: Sequence[ResidualSite], shared: Collection[str] = ()
 ) -> dict[ResidualSite, BranchCut | NoCut]:
     """For each site of one block: how its branch is cut out, or why it keeps a plain mask.
 
     A branch that contains another site's add (a residual nested in the same forward) keeps
-    the mask, so that every cut moves nodes no other site needs.
+    the mask, so that every cut moves nodes no other site needs. ``shared`` as in
+    ``cut_branch``.
     """
     plans: dict[ResidualSite, BranchCut | NoCut] = {}
     for site in sites:
         if any(other.add in site.branch_region for other in sites):
             plans[site] = NoCut("the branch holds another residual of the block")
         else:
-            plans[site] = cut_branch(graph_module, site)
+            plans[site] = cut_branch(graph_module, site, shared)
     return plans
 
 

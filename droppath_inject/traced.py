@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from .attach import AttachKind
 from .droppaths import drop_path_rate_of
@@ -25,6 +25,7 @@ from .inputs import (
     run_eval,
 )
 from .layers import DropPath
+from .provenance import Provenance
 from .report import Report, Site, SiteStatus, Skipped
 from .residuals import ResidualSite, find_residual_sites
 from .schedule import Schedule, drop_rates
@@ -55,6 +56,7 @@ class _Block:
     module: nn.Module
     graph_module: fx.GraphModule
     sites: list[ResidualSite]
+    shared: frozenset[str] = frozenset()  # placeholders fed the model's state, not data
     cuts: dict[ResidualSite, BranchCut | NoCut] = field(default_factory=dict)  # skip_compute
 
     @property
@@ -106,9 +108,14 @@ def _find_owners(model: nn.Module, inputs: ExampleInputs | None) -> tuple[list[s
 
 
 def _plan_block(
-    model: nn.Module, path: str, nested: list[nn.Module], inputs: ExampleInputs | None
+    model: nn.Module,
+    path: str,
+    nested: list[nn.Module],
+    inputs: ExampleInputs | None,
+    provenance: Provenance | None = None,
 ) -> _Block | Skipped:
-    """Trace one block on its own and find its residual sites there."""
+    """Trace one block on its own and find its residual sites there; ``provenance`` of the run
+    that gave ``inputs`` tells which of them hold the model's state."""
     module = model.get_submodule(path)
     try:
         graph_module, same = trace_in_both_modes(module, nested)
@@ -125,18 +132,28 @@ def _plan_block(
     sites = [s for s in find_residual_sites(graph_module) if s.owner == ""]
     if not sites:
         return Skipped(path, "no residual add found when traced on its own")
-    return _Block(path, module, graph_module, sites)
+    shared: frozenset[str] = frozenset()
+    if positional is not None and provenance is not None:
+        placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+        shared = frozenset(
+            str(node.target)
+            for node, value in zip(placeholders, positional, strict=False)
+            if isinstance(value, Tensor) and provenance.shared(value)
+        )
+    return _Block(path, module, graph_module, sites, shared)
 
 
 def _plan(model: nn.Module, inputs: ExampleInputs | None) -> _Plan:
     """Everything injection will do, found without changing the model."""
     owners, plan = _find_owners(model, inputs)
     captured: dict[str, ExampleInputs] = {}
+    provenance = None
     if inputs is not None and owners:
-        _, captured = run_eval(model, inputs, {p: model.get_submodule(p) for p in owners})
+        with Provenance(model, (inputs.args, inputs.kwargs)) as provenance:
+            _, captured = run_eval(model, inputs, {p: model.get_submodule(p) for p in owners})
     for path in owners:
         nested = [model.get_submodule(p) for p in owners if p.startswith(f"{path}.")]
-        planned = _plan_block(model, path, nested, captured.get(path))
+        planned = _plan_block(model, path, nested, captured.get(path), provenance)
         if isinstance(planned, Skipped):
             plan.skipped.append(planned)
         else:
@@ -259,7 +276,7 @@ def inject_traced(
     plan = _plan(model, inputs)
     if rewrite.skip_compute:  # planned once, for the report and the rewrite
         for block in plan.blocks:
-            block.cuts = plan_cuts(block.graph_module, block.new_sites)
+            block.cuts = plan_cuts(block.graph_module, block.new_sites, block.shared)
     rates = drop_rates(len(plan.blocks), max_drop, schedule)
     report = Report(_site_reports(plan, rates, rewrite), plan.skipped, len(plan.blocks))
     surgery = Surgery(model)

@@ -212,31 +212,57 @@ class BiasArgBlock(nn.Module):
 
 
 class SharedBiasNet(nn.Module):
-    """BEiT-style: one relative position bias, computed by the model, passed to every block."""
+    """BEiT-style: one relative position bias, made by the model, passed to every block.
 
-    def __init__(self, heads: int = 2) -> None:
+    ``bias``: ``"parameter"`` passes the parameter itself; ``"table"`` looks it up in a table
+    by an index buffer, as BEiT and Swin do; ``"expanded"`` expands it to one copy per sample,
+    which makes it a per-sample input that row mode must gather.
+    """
+
+    def __init__(self, heads: int = 2, bias: str = "parameter") -> None:
         super().__init__()
-        self.rel_bias = nn.Parameter(torch.randn(heads, sm.TOKENS, sm.TOKENS))
+        self.bias = bias
+        if bias == "table":  # every parameter is used, so that every one gets a gradient
+            self.table = nn.Parameter(torch.randn(2 * sm.TOKENS - 1, heads))
+            offsets = torch.arange(sm.TOKENS)[:, None] - torch.arange(sm.TOKENS)[None, :]
+            self.register_buffer("index", offsets + sm.TOKENS - 1)
+        else:
+            self.rel_bias = nn.Parameter(torch.randn(heads, sm.TOKENS, sm.TOKENS))
         self.blocks = nn.ModuleList(BiasArgBlock(heads) for _ in range(3))
 
+    def position_bias(self, batch: int) -> Tensor:
+        if self.bias == "table":
+            return self.table[self.index].permute(2, 0, 1)
+        if self.bias == "expanded":
+            return self.rel_bias.expand(batch, -1, -1, -1)
+        return self.rel_bias
+
     def forward(self, x: Tensor) -> Tensor:
+        bias = self.position_bias(x.shape[0])
         for block in self.blocks:
-            x = block(x, self.rel_bias)
+            x = block(x, bias)
         return x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an argument is taken as per-sample when its first dimension equals the example "
-    "batch size, so a (heads, N, N) bias is gathered by rows when batch == heads",
-)
-def test_side_input_sized_like_the_batch_is_not_gathered() -> None:
-    """A shared bias whose first dimension happens to equal the batch size is not a sample axis."""
+@pytest.mark.parametrize("bias", ["parameter", "table"])
+def test_side_input_sized_like_the_batch_is_not_gathered(bias: str) -> None:
+    """A shared bias whose first dimension happens to equal the batch size is not a sample axis:
+    the example run shows it comes from the model's parameters, not from its input."""
     torch.manual_seed(0)
-    model, x = SharedBiasNet(heads=2), torch.randn(2, sm.TOKENS, sm.DIM)
+    model, x = SharedBiasNet(heads=2, bias=bias), torch.randn(2, sm.TOKENS, sm.DIM)
     masked, skipping, _ = injected_pair(model, x, "row", 0.5, schedule="uniform")
     kept = check_work(masked, skipping, x, "rows", seeds=tuple(range(4)))
     assert partially_kept(kept, 2)
+    compare_training(masked, skipping, x, seeds=tuple(range(4)))
+
+
+def test_a_parameter_expanded_to_the_batch_is_gathered() -> None:
+    """``parameter.expand(B, ...)`` holds one row per sample: gathered with the kept rows."""
+    torch.manual_seed(0)
+    model, x = SharedBiasNet(heads=2, bias="expanded"), torch.randn(4, sm.TOKENS, sm.DIM)
+    masked, skipping, _ = injected_pair(model, x, "row", 0.5, schedule="uniform")
+    kept = check_work(masked, skipping, x, "rows", seeds=tuple(range(4)))
+    assert partially_kept(kept, 4)
     compare_training(masked, skipping, x, seeds=tuple(range(4)))
 
 
