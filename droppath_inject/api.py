@@ -241,7 +241,7 @@ def _inject(
     assert inputs is not None
     plan = make_plan(model, inputs)
     rates = drop_rates(plan.num_blocks, max_drop, schedule)
-    blocks = None if by_block is None else BlockDrops(model, plan, mode, *by_block)
+    blocks = None if by_block is None else BlockDrops(model, plan, inputs, mode, *by_block)
     attacher = Attacher(model, mode, rerate_existing=existing == "rerate", make_drop=blocks)
     try:
         sites = attach_all(plan, rates, attacher)

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from .apply import Attacher
 from .attach import AttachKind, Attachment
 from .block_gate import BlockDropPath, LayerGate
 from .blocks import CONTAINERS, enclosing_layer
 from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropReport
+from .inputs import ExampleInputs, run_eval
 from .internals import BATCH_NORM_BASE, forward_pre_hooks, remove_forward_pre_hooks
 from .layer_skip import LayerSkip, install, uninstall
 from .layers import DropPath, Mode
 from .plan import Plan, PlannedSite
+from .provenance import Provenance
 from .residuals import ResidualSite
 
 
@@ -47,6 +49,27 @@ class _Block:
     handling: BlockHandling = BlockHandling.SHARED
     reason: str = ""
     batch_norms: bool = False
+    shared: frozenset[int | str] = frozenset()  # arguments holding the model's state
+
+
+def _shared_arguments(
+    model: nn.Module, inputs: ExampleInputs, modules: dict[str, nn.Module]
+) -> dict[str, frozenset[int | str]]:
+    """For each module, its arguments (positions, keywords) that the example run computed from
+    parameters and buffers only: shared by all samples, so row mode never gathers them."""
+    with Provenance(model, (inputs.args, inputs.kwargs)) as provenance:
+        _, calls = run_eval(model, inputs, modules)
+    return {
+        path: frozenset(
+            [i for i, a in enumerate(call.args) if i and _is_shared(a, provenance)]
+            + [k for k, v in call.kwargs.items() if _is_shared(v, provenance)]
+        )
+        for path, call in calls.items()
+    }
+
+
+def _is_shared(value: object, provenance: Provenance) -> bool:
+    return isinstance(value, Tensor) and provenance.shared(value)
 
 
 def _refuse_sharing(block: _Block, plan: Plan) -> str:
@@ -118,7 +141,13 @@ class BlockDrops:
     """Gives an ``Attacher`` block-shared DropPaths, installing gates (and skips) per block."""
 
     def __init__(
-        self, model: nn.Module, plan: Plan, mode: Mode, skip_compute: bool, gather_bn: bool
+        self,
+        model: nn.Module,
+        plan: Plan,
+        inputs: ExampleInputs,
+        mode: Mode,
+        skip_compute: bool,
+        gather_bn: bool,
     ) -> None:
         self.model = model
         self.mode: Mode = mode
@@ -143,6 +172,15 @@ class BlockDrops:
                     block.handling = BlockHandling.SKIPPED
                     assert block.module is not None
                     block.batch_norms = _has_batch_norm(plan.run.modules[block.module])
+        skipping = {
+            b.module: b
+            for b in self.blocks.values()
+            if b.handling is BlockHandling.SKIPPED and b.module is not None
+        }
+        if mode == "row" and skipping:
+            modules = {path: model.get_submodule(path) for path in skipping}
+            for path, shared in _shared_arguments(model, inputs, modules).items():
+                skipping[path].shared = shared
         self._gates: dict[int, LayerGate] = {}
 
     def __call__(self, attacher: Attacher, rate: float, place: tuple[int, int]) -> DropPath:
@@ -160,7 +198,7 @@ class BlockDrops:
         gate = LayerGate(self.mode, self.skip_compute)
         handle = module.register_forward_pre_hook(gate, with_kwargs=True)
         if block.handling is BlockHandling.SKIPPED:
-            install(module, gate, block.batch_norms, self.gather_batch_norm)
+            install(module, gate, block.batch_norms, self.gather_batch_norm, block.shared)
         self._gates[block.index] = gate
 
         def undo() -> None:

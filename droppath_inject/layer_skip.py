@@ -10,7 +10,8 @@ put back on removal) unless the decision says otherwise:
   returned, in the output structure the block was seen to return (a tensor, or a tuple whose
   first element is the hidden state and whose others are None);
 - row mode: the block runs on the kept rows only (every per-sample tensor argument gathered,
-  positional and keyword), and the kept rows of its output replace those of the input in a
+  positional and keyword; ``shared`` names those the example run computed from the model's
+  state alone, never gathered), and the kept rows of its output replace those of the input in a
   new tensor. A Hugging Face ``DynamicCache`` that holds nothing yet for the block's layer, in
   a forward that records gradients (a training step while ``config.use_cache`` is on, as the
   models have it by default), is passed on as it is: the kept rows fill it. Any other cache
@@ -114,12 +115,14 @@ class LayerSkip:
         previous: Callable[..., Any] | None,
         batch_norms: bool,
         gather_batch_norm: bool,
+        shared: frozenset[int | str] = frozenset(),
     ) -> None:
         self.module = module
         self.gate = gate
         self.previous = previous
         self.batch_norms = batch_norms
         self.gather_batch_norm = gather_batch_norm
+        self.shared = shared  # positions and keywords of arguments never gathered by rows
         self.layer_index = layer_index(module)  # where its attention writes to a cache
         self.structure: int | None | bool = False  # False: not seen yet
         self.skipped_calls = 0  # training calls that did not run the block
@@ -208,8 +211,14 @@ class LayerSkip:
             return self._full(args, kwargs)
         fillable = partial(fillable_by_rows, index=self.layer_index)
         try:
-            inner_args = (gather_rows(hidden, kept), *_gather(args[1:], kept, batch, fillable))
-            inner_kwargs = _gather(kwargs, kept, batch, fillable)
+            inner_args = (gather_rows(hidden, kept),) + tuple(
+                arg if i in self.shared else _gather(arg, kept, batch, fillable)
+                for i, arg in enumerate(args[1:], start=1)
+            )
+            inner_kwargs = {
+                key: value if key in self.shared else _gather(value, kept, batch, fillable)
+                for key, value in kwargs.items()
+            }
         except Refused as refusal:
             self._refuse(str(refusal))
             return self._full(args, kwargs)
@@ -223,11 +232,15 @@ class LayerSkip:
 
 
 def install(
-    module: nn.Module, gate: LayerGate, batch_norms: bool, gather_batch_norm: bool
+    module: nn.Module,
+    gate: LayerGate,
+    batch_norms: bool,
+    gather_batch_norm: bool,
+    shared: frozenset[int | str] = frozenset(),
 ) -> LayerSkip:
     """Shadow ``module.forward`` with a ``LayerSkip``; ``uninstall`` puts it back."""
     previous = vars(module).get("forward")
-    skip = LayerSkip(module, gate, previous, batch_norms, gather_batch_norm)
+    skip = LayerSkip(module, gate, previous, batch_norms, gather_batch_norm, shared)
     vars(module)["forward"] = skip
     return skip
 

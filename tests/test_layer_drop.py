@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 from helpers import layer_drop_models as ldm
+from helpers import synthetic_models as sm
+from test_skipping import SharedBiasNet
 from torch import Tensor, nn
 
 from droppath_inject import (
@@ -139,6 +141,27 @@ def test_skip_matches_mask(family: str, mode: str) -> None:
     assert len(skips) == (ldm.LAYERS if proven else 0)
     assert all(s.masked_calls == 0 for s in skips)
     assert not proven or mode == "row" or sum(s.skipped_calls for s in skips) > 0
+
+
+@pytest.mark.parametrize(("bias", "batch"), [("parameter", 2), ("table", 2), ("expanded", 3)])
+def test_row_mode_gathers_per_sample_arguments_not_the_models_state(bias: str, batch: int) -> None:
+    """A bias argument of shape (heads, N, N) with heads == batch comes from the parameters
+    (as it is, or looked up in a table): never gathered. Expanded to the batch, it is."""
+    torch.manual_seed(0)
+    model = SharedBiasNet(heads=2, bias=bias)
+    x = torch.randn(batch, sm.TOKENS, sm.DIM)
+    masked, _ = inject(copy.deepcopy(model), x, mode="row")
+    skipping, report = inject(copy.deepcopy(model), x, mode="row", skip_compute=True)
+    assert {b.handling for b in report.layer_drop.blocks} == {BlockHandling.SKIPPED}
+    for seed in range(6):
+        out, grads = train_step(skipping, x, seed)
+        expected, expected_grads = train_step(masked, x, seed)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == expected_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-5, atol=1e-6)
+    skips = skips_of(skipping).values()
+    assert all(s.masked_calls == 0 for s in skips) and sum(s.gathered_calls for s in skips) > 0
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
