@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 
-from .internals import tree_leaves, version_counter
+from .internals import call_tracked, tree_leaves
 
 _SIMPLE_ARGUMENTS = (
     type(None), bool, int, float, complex, str, slice, type(Ellipsis),
@@ -184,11 +184,8 @@ class _Recorder(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-        versions = [version_counter(t) for t in inputs]
-        outputs = func(*args, **kwargs)
-        produced = [t for t in tree_leaves(outputs) if isinstance(t, Tensor)]
-        mutated = [t for t, v in zip(inputs, versions, strict=True) if version_counter(t) != v]
+        call = call_tracked(func, args, kwargs)
+        outputs, produced, mutated = call.outputs, call.produced, call.mutated
         if not produced and not mutated:
             return outputs  # a size, dtype or other metadata query
         node = self._op_node(func, args, kwargs)

@@ -8,6 +8,7 @@ timm is used through its public API only (``timm.layers.get_notrace_modules``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,6 +56,28 @@ def version_counter(tensor: Tensor) -> int:
 #: What ``nn.Module`` keeps of its own in ``__dict__`` besides hooks (each hook dict's name
 #: contains "hook"): children, parameters, buffers, and which buffers are non-persistent.
 _MODULE_STATE = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+
+
+@dataclass(frozen=True)
+class TrackedCall:
+    """One torch function call seen by a ``TorchFunctionMode``: its tensors in and out."""
+
+    outputs: Any
+    operands: list[Tensor]
+    produced: list[Tensor]  # tensors in the outputs
+    mutated: list[Tensor]  # operands the call changed in place
+
+
+def call_tracked(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> TrackedCall:
+    """Run ``func(*args, **kwargs)``, noting which tensors it read, returned and mutated."""
+    operands = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+    versions = [version_counter(t) for t in operands]
+    outputs = func(*args, **kwargs)
+    produced = [t for t in tree_leaves(outputs) if isinstance(t, Tensor)]
+    mutated = [t for t, v in zip(operands, versions, strict=True) if version_counter(t) != v]
+    return TrackedCall(outputs, operands, produced, mutated)
 
 
 def module_state(attributes: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .internals import tree_leaves, version_counter
+from .internals import call_tracked, tree_leaves
 
 
 class _TensorSet:
@@ -51,20 +51,16 @@ class Provenance(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        kwargs = kwargs or {}
-        operands = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-        versions = [version_counter(t) for t in operands]
-        outputs = func(*args, **kwargs)
-        results = [t for t in tree_leaves(outputs) if isinstance(t, Tensor)]
-        results += [t for t, v in zip(operands, versions, strict=True) if version_counter(t) != v]
-        if any(t in self._from_input for t in operands):
+        call = call_tracked(func, args, kwargs or {})
+        results = call.produced + call.mutated
+        if any(t in self._from_input for t in call.operands):
             for tensor in results:
                 self._from_input.add(tensor)
-        elif any(t in self._from_state for t in operands):
+        elif any(t in self._from_state for t in call.operands):
             for tensor in results:
                 if tensor not in self._from_input:
                     self._from_state.add(tensor)
-        return outputs
+        return call.outputs
 
     def shared(self, tensor: Tensor) -> bool:
         """Computed from parameters and buffers only, and not expanded along its first
