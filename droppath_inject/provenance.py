@@ -57,9 +57,8 @@ class Provenance(TorchFunctionMode):
             for tensor in results:
                 self._from_input.add(tensor)
         elif any(t in self._from_state for t in call.operands):
-            for tensor in results:
-                if tensor not in self._from_input:
-                    self._from_state.add(tensor)
+            for tensor in results:  # ``shared`` reads the input mark first
+                self._from_state.add(tensor)
         return call.outputs
 
     def shared(self, tensor: Tensor) -> bool:
