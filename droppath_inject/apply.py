@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from .attach import AttachKind, Attachment
+from .block_gate import BlockDropPath, LayerGate, SumGate
 from .droppaths import drop_path_rate_of, set_drop_path_rate
 from .internals import remove_forward_hooks, tree_flatten, tree_unflatten
 from .layers import DropPath, Mode
@@ -109,25 +110,49 @@ class Attacher:
         """
         if attachment.module in self._done:
             return self._done[attachment.module]
+        parts = (attachment, *attachment.parts)
         if attachment.kind is AttachKind.EXISTING:
             outcome = self._existing(attachment.module, rate, place)
+            for part in attachment.parts:  # this package's DropPaths of a parallel sum
+                self._existing(part.module, rate, place)
         else:
-            drop = (
-                DropPath(rate, self.mode)
-                if self.make_drop is None
-                else self.make_drop(self, rate, place)
-            )
-            slot = None
-            if attachment.kind is AttachKind.SLOT:
-                slot = self.model.get_submodule(attachment.module)
-            _set_placement(drop, Placement(*place, attachment.kind, slot=slot))
-            if slot is not None:
-                self._replace(attachment.module, drop)
-            else:
-                self._hook(attachment, drop)
+            drop = self._new_drop(rate, place)
+            drops = [drop] if not attachment.parts else self._shared(attachment, drop, rate)
+            for part, each in zip(parts, drops, strict=True):
+                self._place(part, each, place)
             outcome = Outcome(SiteStatus.INJECTED, rate)
-        self._done[attachment.module] = outcome
+        for part in parts:
+            self._done[part.module] = outcome
         return outcome
+
+    def _new_drop(self, rate: float, place: tuple[int, int]) -> DropPath:
+        if self.make_drop is None:
+            return DropPath(rate, self.mode)
+        return self.make_drop(self, rate, place)
+
+    def _shared(self, attachment: Attachment, drop: DropPath, rate: float) -> list[DropPath]:
+        """DropPaths for every term of a parallel sum, following one decision: the block's
+        (``drop``'s gate) under block granularity, else a ``SumGate`` on the add's owner."""
+        if isinstance(drop, BlockDropPath):
+            gate: LayerGate = drop.gate
+        else:
+            gate = SumGate(self.mode)
+            owner = self.model.get_submodule(attachment.holder)
+            handle = owner.register_forward_pre_hook(gate, with_kwargs=True)
+            self._undo.append(handle.remove)
+            drop = BlockDropPath(gate, rate, self.mode)
+        return [drop, *(BlockDropPath(gate, rate, self.mode) for _ in attachment.parts)]
+
+    def _place(self, attachment: Attachment, drop: DropPath, place: tuple[int, int]) -> None:
+        """Put ``drop`` in a slot or on a hook, as ``attachment`` says."""
+        slot = None
+        if attachment.kind is AttachKind.SLOT:
+            slot = self.model.get_submodule(attachment.module)
+        _set_placement(drop, Placement(*place, attachment.kind, slot=slot))
+        if slot is not None:
+            self._replace(attachment.module, drop)
+        else:
+            self._hook(attachment, drop)
 
     def _replace(self, path: str, drop: DropPath) -> None:
         parent_path, _, name = path.rpartition(".")

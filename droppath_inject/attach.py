@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from torch import fx, nn
@@ -29,7 +29,8 @@ from torch import fx, nn
 from .blocks import CONTAINERS
 from .capture import CapturedRun, ModuleOutput
 from .droppaths import is_drop_path_module, is_drop_path_slot
-from .graph_facts import data_derived, rejoins_add, writes_back
+from .graph_facts import add_operands, data_derived, rejoins_add, writes_back
+from .layers import DropPath
 from .residuals import ResidualSite
 
 _VIEW_METHODS = frozenset(
@@ -64,7 +65,9 @@ class Attachment:
     ``module`` is the hooked module, the slot, or the existing drop path; ``leaf`` is which
     tensor of the hooked module's output is the branch (None: the output itself); ``holder`` is
     the module that will own a hooked DropPath (the block owning the add, or its nearest
-    ancestor that is not a container).
+    ancestor that is not a container). A branch that is a sum of parallel paths (attention and
+    MLP of a parallel block) is attached on each term: ``parts`` are the other terms'
+    attachments, whose DropPaths follow one decision with this one's.
     """
 
     kind: AttachKind
@@ -72,6 +75,12 @@ class Attachment:
     leaf: int | None = None
     holder: str = ""
     computed_by: str = ""
+    parts: tuple[Attachment, ...] = ()
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Every module this attachment uses: its own and its parts'."""
+        return (self.module, *(part.module for part in self.parts))
 
 
 @dataclass(frozen=True)
@@ -139,10 +148,11 @@ def _tensor_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.op == "output" or "tensor_meta" in u.meta and u.users]
 
 
-def branch_tail(site: ResidualSite) -> list[fx.Node]:
-    """The branch operand and the values it is a scaled view of, nearest the add first."""
+def branch_tail(site: ResidualSite, start: fx.Node | None = None) -> list[fx.Node]:
+    """The branch operand (or ``start``, a value in the branch) and the values it is a scaled
+    view of, nearest the add first."""
     region = set(site.branch_region)
-    tail = [site.branch]
+    tail = [site.branch if start is None else start]
     while (source := _commuting_input(tail[-1], region)) is not None:
         others = [u for u in _tensor_users(source) if u is not tail[-1]]
         if any(not (rejoins_add(u, site.add) or writes_back(u, site.add)) for u in others):
@@ -181,11 +191,30 @@ class _Planner:
 
     def candidates(self, site: ResidualSite) -> list[Attachment] | NoAttachment:
         """Ways to attach, best first: a drop path already on the tail, a drop-path slot, then
-        hooks on the modules returning the branch (those called once first, then outermost)."""
+        hooks on the modules returning the branch (those called once first, then outermost);
+        a branch that is a sum of parallel paths with none of these is attached on its terms."""
         region = set(site.branch_region)
         tail = branch_tail(site)
         named = self.computed_by(tail, region)
         holder = self._holder(site.owner)
+        found = self._options(tail, region, holder, named)
+        if found:
+            return found
+        if holder is None:
+            return NoAttachment(
+                f"no module to hold a DropPath: {site.owner or 'the model'} is a container", named
+            )
+        if tail[-1] in site.parallel_sums:
+            return self._on_terms(site, tail[-1], holder, named)
+        return NoAttachment(
+            "the branch value is not the output of a module call (it is computed by "
+            f"{_op_name(site.branch)} in {site.owner or 'the model'}'s forward)",
+            named,
+        )
+
+    def _options(
+        self, tail: list[fx.Node], region: set[fx.Node], holder: str | None, named: str
+    ) -> list[Attachment]:
         existing: list[Attachment] = []
         slots: list[Attachment] = []
         hooks: list[Attachment] = []
@@ -204,18 +233,44 @@ class _Planner:
                         Attachment(AttachKind.FORWARD_HOOK, path, output.leaf, holder, named)
                     )
         hooks.sort(key=lambda a: self.run.call_counts[a.module] > 1)
-        found = existing + slots + hooks
-        if found:
-            return found
-        if holder is None:
-            return NoAttachment(
-                f"no module to hold a DropPath: {site.owner or 'the model'} is a container", named
-            )
-        return NoAttachment(
-            "the branch value is not the output of a module call (it is computed by "
-            f"{_op_name(site.branch)} in {site.owner or 'the model'}'s forward)",
-            named,
-        )
+        return existing + slots + hooks
+
+    def _terms(self, site: ResidualSite, node: fx.Node) -> list[list[fx.Node]]:
+        """The tails of the terms of a parallel sum, nested parallel sums expanded."""
+        tails = []
+        for operand in add_operands(node) or ():
+            tail = branch_tail(site, operand)
+            if tail[-1] in site.parallel_sums:
+                tails.extend(self._terms(site, tail[-1]))
+            else:
+                tails.append(tail)
+        return tails
+
+    def _on_terms(
+        self, site: ResidualSite, node: fx.Node, holder: str, named: str
+    ) -> list[Attachment] | NoAttachment:
+        """One attachment per term of the parallel sum ``node``: a slot, a hook, or a DropPath
+        of this package already there (a drop path of another library cannot share the
+        decision), each module called once first."""
+        region = set(site.branch_region)
+        chosen: list[Attachment] = []
+        for tail in self._terms(site, node):
+            options = [
+                a
+                for a in self._options(tail, region, holder, named)
+                if a.kind is not AttachKind.EXISTING
+                or isinstance(self.run.modules[a.module], DropPath)
+            ]
+            options.sort(key=lambda a: self.run.call_counts[a.module] > 1)
+            if not options:
+                return NoAttachment(
+                    "the branch is a sum of parallel paths, and one of them is not the output "
+                    f"of a module call (it is computed by {_op_name(tail[-1])})",
+                    named,
+                )
+            chosen.append(replace(options[0], holder=holder))
+        first, *rest = chosen
+        return [replace(first, parts=tuple(rest))]
 
     def _holder(self, owner: str) -> str | None:
         path = owner
@@ -246,9 +301,9 @@ def plan_attachments(
     listed: Counter[str] = Counter()
     for option in options:
         if isinstance(option, list):
-            listed.update({a.module for a in option})
+            listed.update({m for a in option for m in a.modules})
     options = [
-        [a for a in option if listed[a.module] >= run.call_counts[a.module]] or option
+        [a for a in option if all(listed[m] >= run.call_counts[m] for m in a.modules)] or option
         if isinstance(option, list)
         else option
         for option in options
@@ -258,12 +313,12 @@ def plan_attachments(
         used: Counter[str] = Counter()
         for option, index in zip(options, choice, strict=True):
             if (chosen := _chosen(option, index)) is not None:
-                used[chosen.module] += 1
+                used.update(chosen.modules)
         shared = {path for path, count in used.items() if count < run.call_counts[path]}
         moved = False
         for position, option in enumerate(options):
             chosen = _chosen(option, choice[position])
-            if chosen is not None and chosen.module in shared:
+            if chosen is not None and shared.intersection(chosen.modules):
                 choice[position] += 1
                 moved = True
         if not moved:

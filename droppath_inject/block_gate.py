@@ -81,6 +81,12 @@ class LayerGate:
         return state
 
 
+class SumGate(LayerGate):
+    """The shared decision of one residual whose branch is a sum of parallel paths (attention
+    and MLP of a parallel block), under ``granularity="branch"``: a pre-hook on the module
+    owning the add, as a ``LayerGate`` is on its block; its DropPaths are that sum's terms."""
+
+
 class BlockDropPath(DropPath):
     """A DropPath that follows its block's ``LayerGate`` instead of drawing its own decision."""
 

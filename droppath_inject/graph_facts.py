@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .droppaths import is_drop_path_module
-from .internals import NATIVE_MULTI_HEAD_ATTENTION, NORM_BASE
+from .internals import BATCH_NORM_BASE, GROUPED_MATMULS, NATIVE_MULTI_HEAD_ATTENTION, NORM_BASE
 
 _ADD_FUNCTIONS = frozenset(
     {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
@@ -31,7 +31,7 @@ _WEIGHT_FUNCTIONS = frozenset(
         F.scaled_dot_product_attention, F.multi_head_attention_forward,
         torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
         torch.einsum, torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu,
-        NATIVE_MULTI_HEAD_ATTENTION, torch.conv_tbc, torch.addbmm,
+        NATIVE_MULTI_HEAD_ATTENTION, torch.conv_tbc, torch.addbmm, *GROUPED_MATMULS,
     }
 )  # fmt: skip
 _WEIGHT_METHODS = frozenset(
@@ -56,6 +56,66 @@ _NORM_TYPES = (
     nn.LocalResponseNorm,
     nn.RMSNorm,
 )
+
+
+# Ops linear (affine) in their inputs computed from a fork, as the eval run computes them: a
+# linear map of those inputs plus terms computed from parameters and constants alone (batch_norm
+# included: the captured run is an eval run, where it is affine).
+_STRUCTURAL_NAMES = frozenset(
+    {
+        "view", "reshape", "flatten", "unflatten", "contiguous", "clone", "view_as", "reshape_as",
+        "squeeze", "unsqueeze", "to", "float", "half", "bfloat16", "double", "type", "type_as",
+        "detach", "transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t",
+        "T", "mT", "expand", "expand_as", "repeat", "chunk", "split", "unbind", "narrow",
+        "__getitem__", "getitem", "cat", "concat", "concatenate", "stack", "pad", "roll", "flip",
+        "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+        "adaptive_avg_pool3d", "pixel_shuffle", "pixel_unshuffle", "dropout", "dropout1d",
+        "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "batch_norm",
+        "sum", "mean", "neg", "__neg__", "add", "add_", "__add__", "__radd__", "__iadd__",
+        "iadd", "sub", "sub_", "__sub__", "__rsub__", "__isub__", "isub",
+    }
+)  # fmt: skip
+_PRODUCT_NAMES = frozenset(
+    {
+        "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+        "conv_transpose3d", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum",
+        "baddbmm", "addmm", "_grouped_mm", "grouped_mm", "mul", "mul_", "__mul__", "__rmul__",
+        "imul", "multiply",
+    }
+)  # fmt: skip
+_QUOTIENT_NAMES = frozenset({"div", "div_", "__truediv__", "truediv", "true_divide", "divide"})
+_LINEAR_MODULES = (
+    nn.Linear, nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten, BATCH_NORM_BASE,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)  # fmt: skip
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    return str(getattr(node.target, "__name__", ""))
+
+
+def is_linear_in(node: fx.Node, sources: Collection[fx.Node], module: nn.Module | None) -> bool:
+    """``node`` is linear (affine) in its inputs that lie in ``sources``: a view, cast, pad,
+    average pool, eval dropout or BatchNorm, sum, or a product (conv, linear, matmul, ``*``) or
+    quotient whose other operands are not in ``sources``; ``module`` is what a ``call_module``
+    node calls."""
+    if node.op == "call_module":
+        return isinstance(module, _LINEAR_MODULES)
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = _op_name(node)
+    if name in _STRUCTURAL_NAMES:
+        return True
+    inputs = [n for n in node.all_input_nodes if n in sources]
+    if name in _PRODUCT_NAMES:
+        return len(inputs) <= 1
+    if name in _QUOTIENT_NAMES:
+        return inputs == [node.args[0]]
+    return False
 
 
 def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -179,6 +239,14 @@ class GraphFacts:
             module = self.module_of(node)
             return not is_drop_path_module(module) and any(True for _ in module.parameters())
         return self.is_weight_op(node) or any(n in self.parameters for n in node.all_input_nodes)
+
+    def is_linear(self, fork: fx.Node, region: Collection[fx.Node]) -> bool:
+        """Every op of ``region`` (computed from ``fork``) is linear in ``fork``."""
+        sources = {fork, *region}
+        return all(
+            is_linear_in(n, sources, self.module_of(n) if n.op == "call_module" else None)
+            for n in region
+        )
 
     def is_weight_op(self, node: fx.Node) -> bool:
         """Conv, linear, matmul, attention, or a leaf module holding weights (norms excluded)."""

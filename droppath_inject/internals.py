@@ -24,6 +24,14 @@ BATCH_NORM_BASE: type[nn.Module] = nn.modules.batchnorm._BatchNorm
 #: The fused attention ``nn.MultiheadAttention`` calls in eval; a weight-bearing op.
 NATIVE_MULTI_HEAD_ATTENTION: Callable[..., Any] = torch._native_multi_head_attention
 
+#: Grouped matrix products (mixture-of-experts layers in transformers 5): weight-bearing ops.
+#: ``torch._grouped_mm`` is private and, like ``F.grouped_mm``, absent before torch 2.8.
+GROUPED_MATMULS: frozenset[Callable[..., Any]] = frozenset(
+    f
+    for f in (getattr(torch, "_grouped_mm", None), getattr(nn.functional, "grouped_mm", None))
+    if f is not None
+)
+
 
 def tree_leaves(tree: Any) -> list[Any]:
     """The leaves of nested tuples, lists and dicts, as torch itself flattens them.

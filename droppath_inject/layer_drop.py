@@ -18,7 +18,7 @@ from torch import Tensor, fx, nn
 
 from .apply import Attacher
 from .attach import AttachKind, Attachment
-from .block_gate import BlockDropPath, LayerGate
+from .block_gate import BlockDropPath, LayerGate, SumGate
 from .blocks import CONTAINERS, enclosing_layer
 from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropReport
 from .inputs import ExampleInputs, run_eval
@@ -218,12 +218,12 @@ class BlockDrops:
 
 
 def gates_of(model: nn.Module) -> list[LayerGate]:
-    """The block gates in ``model``."""
+    """The block gates in ``model`` (not the gates of parallel sums under branch granularity)."""
     return [
         hook
         for module in model.modules()
         for hook in forward_pre_hooks(module)
-        if isinstance(hook, LayerGate)
+        if isinstance(hook, LayerGate) and not isinstance(hook, SumGate)
     ]
 
 

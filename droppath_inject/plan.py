@@ -106,9 +106,10 @@ def site_report(
             site.owner, planned.block_index, branch, skip, rate, SiteStatus.SKIPPED,
             detail=attachment.reason,
         )  # fmt: skip
+    shared_with = tuple(part.module for part in attachment.parts)
     return Site(
         site.owner, planned.block_index, branch, skip, rate, status,
-        attachment.module, attachment.kind, previous_rate,
+        attachment.module, attachment.kind, previous_rate, shared_with=shared_with,
     )  # fmt: skip
 
 

@@ -44,6 +44,8 @@ class Site:
     is the module carrying the rate (a hooked module, a drop-path slot or an existing drop
     path); ``previous_rate`` is an existing drop path's rate before re-rating; ``detail`` is
     free text for people (how skip-compute runs, why a site was skipped), never parsed.
+    ``shared_with`` names the other modules carrying the site's DropPath when its branch is a
+    sum of parallel paths (attention and MLP of a parallel block): one decision for all.
     """
 
     owner: str
@@ -57,6 +59,7 @@ class Site:
     previous_rate: float | None = None
     detail: str = ""
     skip_compute: SkipPlan | None = None
+    shared_with: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """The status as the report's table shows it."""
@@ -66,7 +69,8 @@ class Site:
             text = self.status.value
         if self.how is not None:
             how = self.how.value
-            text += f" ({how} {self.attached_to})" if self.attached_to else f" ({how})"
+            carriers = " + ".join(m for m in (self.attached_to, *self.shared_with) if m)
+            text += f" ({how} {carriers})" if carriers else f" ({how})"
         if self.skip_compute is not None:
             text += f", {self.skip_compute.describe()}"
         return f"{text}: {self.detail}" if self.detail else text

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import fx, nn
 
@@ -41,6 +41,16 @@ class ResidualSite:
     existing_drop_path: str | None
     owner_call: str = ""
     weightless: bool = False
+    parallel_sums: frozenset[fx.Node] = frozenset()
+
+
+@dataclass(frozen=True, eq=False)
+class _ParallelSum:
+    """An add of two paths from one fork, neither the fork nor a linear map of it (attention
+    and MLP of a parallel block, a shared expert and the routed experts): no residual itself,
+    but a residual whose branch it is gets a DropPath on each of its terms."""
+
+    add: fx.Node
 
 
 def _latest_common_ancestor(facts: GraphFacts, a: fx.Node, b: fx.Node) -> fx.Node | None:
@@ -192,7 +202,7 @@ def _same_shape(facts: GraphFacts, add: fx.Node, a: fx.Node, b: fx.Node) -> bool
     return len(shapes) == 1 and None not in shapes
 
 
-def _classify(facts: GraphFacts, add: fx.Node) -> ResidualSite | None:
+def _classify(facts: GraphFacts, add: fx.Node) -> ResidualSite | _ParallelSum | None:
     operands = add_operands(add)
     if operands is None or not all(facts.is_tensor(n) for n in operands):
         return None
@@ -221,6 +231,12 @@ def _classify(facts: GraphFacts, add: fx.Node) -> ResidualSite | None:
         branch, skip, branch_region, skip_region = b, a, region_b, region_a
     if is_inplace_add(add) and branch is operands[0] and len(branch.users) > 1:
         return None  # the mutated branch is read after the add: no edge to cut
+    if skip is not fork:
+        if facts.is_linear(fork, skip_region):
+            if facts.is_linear(fork, branch_region):
+                return None  # both linear in the fork (LoRA, DoRA, RepVGG): one weight op
+        elif _chain_depth(facts, fork, skip_region, facts.is_weight_op) > 1:
+            return _ParallelSum(add)  # no shortcut: two computations summed side by side
     if (
         not weightless
         and max(depth_a, depth_b) == 1
@@ -288,10 +304,15 @@ def find_sites(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[ResidualS
     weightless add nested in another residual's branch (ConvNeXt-V2's GRN) is not a site.
     """
     facts = GraphFacts(graph, modules)
-    found = (
+    found = [
         _classify(facts, node) if add_operands(node) is not None else _skipping_site(facts, node)
         for node in facts.nodes
-    )
-    sites = [site for site in found if site is not None]
+    ]
+    sites = [site for site in found if isinstance(site, ResidualSite)]
+    parallel = {site.add for site in found if isinstance(site, _ParallelSum)}
     in_branches = {node for site in sites for node in site.branch_region}
-    return [site for site in sites if not (site.weightless and site.add in in_branches)]
+    return [
+        replace(site, parallel_sums=frozenset(parallel.intersection(site.branch_region)))
+        for site in sites
+        if not (site.weightless and site.add in in_branches)
+    ]
