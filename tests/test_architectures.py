@@ -296,3 +296,17 @@ def test_mixture_of_experts_is_one_branch_of_its_layer() -> None:
         assert not any(isinstance(m, DropPath) for m in inside)
         assert not any(isinstance(h, BranchHook) for m in inside for h in m._forward_hooks.values())
         assert sum(s.block_index == index for s in report.sites) == 2
+
+
+def test_parallel_block_skips_whole_under_block_granularity() -> None:
+    torch.manual_seed(0)
+    model = _neox(True).eval()
+    report = _inject(
+        model, max_drop=1.0, schedule="uniform", granularity="block", skip_compute=True
+    )
+    layers = model.config.num_hidden_layers
+    assert [b.handling for b in report.layer_drop.blocks] == [BlockHandling.SKIPPED] * layers
+    model.train()
+    with torch.no_grad():
+        out = model(IDS).last_hidden_state
+        assert torch.equal(out, model.final_layer_norm(model.embed_in(IDS)))
