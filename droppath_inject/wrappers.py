@@ -1,0 +1,123 @@
+"""Models inside wrappers: ``torch.compile``, ``nn.DataParallel``, ``DistributedDataParallel``.
+
+Injection works on the user's own module inside the wrapper (``_orig_mod``, ``.module``): its
+capture and verification runs are plain eager runs of that module, and the wrapper, which
+calls it, then runs the drop paths. An accelerate-prepared model is the model itself, or one
+of these wrappers.
+
+A compiled wrapper keeps code that was compiled before the drop paths existed: Dynamo does not
+guard on a module's hook dictionaries while they are empty (``skip_nnmodule_hook_guards``), so
+hooks added after a compiled run are never called. The compiled code of the frames that can
+hold the model is therefore forgotten after injection (and after ``remove_droppath``): the
+``forward`` of every module inside and the resume functions Dynamo made of them at graph
+breaks. They are compiled again on the next call. Code is shared by class, so another compiled
+model of the same classes recompiles once too; ``torch.compiler.reset()`` would forget all.
+
+A model sharded by FSDP2 (``fully_shard``) is the user's module itself, with its class
+changed: it is injected like any other (on every rank, with the same example input, since its
+runs gather parameters), though injecting before sharding is the order the docs recommend.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _compiled_type() -> type[nn.Module] | None:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # a build of torch without Dynamo
+        return None
+    return OptimizedModule
+
+
+def _parallel_types() -> tuple[type[nn.Module], ...]:
+    parallel: tuple[type[nn.Module], ...] = (nn.DataParallel,)
+    if torch.distributed.is_available():
+        parallel += (nn.parallel.DistributedDataParallel,)
+    return parallel
+
+
+@dataclass(frozen=True)
+class Wrapped:
+    """The user's module inside a model's wrappers, and the compiled wrappers around it."""
+
+    module: nn.Module
+    compiled: tuple[nn.Module, ...]
+
+    def forget_compiled_code(self) -> None:
+        """Make every compiled wrapper compile again on its next call, seeing the change."""
+        if self.compiled:
+            forget_compiled_code(self.module, self.compiled)
+
+
+def unwrap(model: nn.Module) -> Wrapped:
+    """``model`` without its ``torch.compile``, DataParallel and DDP wrappers, outermost first."""
+    compiled_type = _compiled_type()
+    parallel = _parallel_types()
+    compiled: list[nn.Module] = []
+    module = model
+    while True:
+        if compiled_type is not None and isinstance(module, compiled_type):
+            compiled.append(module)
+            module = module.get_submodule("_orig_mod")
+        elif isinstance(module, parallel):
+            module = module.get_submodule("module")
+        else:
+            break
+    return Wrapped(module, tuple(compiled))
+
+
+def _code_of(function: object) -> types.CodeType | None:
+    function = getattr(function, "__func__", function)
+    code = getattr(function, "__code__", None)
+    return code if isinstance(code, types.CodeType) else None
+
+
+def _resumes(code: types.CodeType) -> Iterator[types.CodeType]:
+    """The resume functions Dynamo generated from ``code`` at graph breaks, and theirs."""
+    from torch._dynamo.resume_execution import ContinueExecutionCache
+
+    pending = [code]
+    while pending:
+        generated = ContinueExecutionCache.cache.get(pending.pop())
+        for resume in (generated or {}).values():
+            yield resume
+            pending.append(resume)
+
+
+def _frames(module: nn.Module, compiled: tuple[nn.Module, ...]) -> set[types.CodeType]:
+    """The code of the frames Dynamo may have compiled for ``module`` under ``compiled``: what
+    each wrapper calls (``module.__call__`` or a small function around it, for a module of
+    ``torch.nn`` itself), and the ``forward`` of every module inside."""
+    functions: list[object] = []
+    for wrapper in compiled:
+        for name in ("forward", "_forward"):  # _forward: a lazy module's compiled call
+            function = vars(wrapper).get(name)
+            while function is not None:  # Dynamo's wrapper, then what it wraps
+                functions.append(function)
+                function = getattr(function, "__wrapped__", None)
+    for submodule in module.modules():
+        functions += [type(submodule).forward, submodule.forward]
+    return {code for function in functions if (code := _code_of(function)) is not None}
+
+
+def forget_compiled_code(module: nn.Module, compiled: tuple[nn.Module, ...]) -> None:
+    """Drop Dynamo's compiled code for the frames ``module`` runs under the ``compiled``
+    wrappers, with the resume functions made of them (or all compiled code, where torch
+    lacks the scoped call)."""
+    try:
+        from torch._dynamo.eval_frame import remove_from_cache
+    except ImportError:
+        torch.compiler.reset()
+        return
+    codes = _frames(module, compiled)
+    for code in list(codes):
+        codes.update(_resumes(code))
+    for code in codes:
+        remove_from_cache(code)
