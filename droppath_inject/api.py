@@ -29,7 +29,7 @@ from .schedule import Schedule, drop_rates, schedule_name
 from .surgery import Rewrite
 from .traced import dry_run, inject_traced
 from .verify import verify_attached
-from .wrappers import unwrap
+from .wrappers import inner_module
 
 Existing = Literal["rerate", "keep"]
 _EXISTING: tuple[str, ...] = ("rerate", "keep")
@@ -90,16 +90,16 @@ def find_residuals(
         (8, 8)
     """
     _check_arguments(max_drop, schedule, "row", existing)
-    model = unwrap(model).module
-    inputs = resolve_inputs(model, example_inputs, required=False)
-    if inputs is None:
-        report = dry_run(model, max_drop, schedule)
-    else:
-        with _garbage_collection_paused():
-            plan = make_plan(model, inputs)
-        rates = drop_rates(plan.num_blocks, max_drop, schedule)
-        sites = dry_sites(plan, rates, keep_existing=existing == "keep")
-        report = Report(sites, [], plan.num_blocks)
+    with inner_module(model, changes=False) as module:
+        inputs = resolve_inputs(module, example_inputs, required=False)
+        if inputs is None:
+            report = dry_run(module, max_drop, schedule)
+        else:
+            with _garbage_collection_paused():
+                plan = make_plan(module, inputs)
+            rates = drop_rates(plan.num_blocks, max_drop, schedule)
+            sites = dry_sites(plan, rates, keep_existing=existing == "keep")
+            report = Report(sites, [], plan.num_blocks)
     report.parameters = Parameters(max_drop, schedule_name(schedule), "row", existing)
     return report
 
@@ -207,10 +207,8 @@ def inject_droppath(
     _check_arguments(max_drop, schedule, mode, existing)
     by_block = Granularity.parse(granularity) is Granularity.BLOCK
     traced = skip_compute and not by_block
-    wrapped = unwrap(model)
-    module = wrapped.module
-    check_repeat_call(module, by_block, skip_compute)
-    with _garbage_collection_paused():
+    with inner_module(model) as module, _garbage_collection_paused():
+        check_repeat_call(module, by_block, skip_compute)
         if traced:
             rewrite = Rewrite(mode, skip_compute, gather_batch_norm)
             report = inject_traced(module, max_drop, schedule, example_inputs, verify, rewrite)
@@ -219,7 +217,6 @@ def inject_droppath(
             report = _inject(
                 module, max_drop, schedule, mode, example_inputs, verify, existing, blocks
             )
-    wrapped.forget_compiled_code()
     report.parameters = Parameters(
         max_drop,
         schedule_name(schedule),

@@ -14,7 +14,7 @@ from .errors import DropPathInjectError
 from .layer_drop import remove_layer_drop
 from .schedule import Schedule, drop_rates
 from .surgery import InjectedBlock, restore_original
-from .wrappers import unwrap
+from .wrappers import inner_module
 
 
 def injected_blocks(model: nn.Module) -> list[tuple[str, InjectedBlock]]:
@@ -139,14 +139,12 @@ def remove_droppath(model: nn.Module) -> nn.Module:
         >>> any(isinstance(m, DropPath) for m in model.modules())
         False
     """
-    wrapped = unwrap(model)
-    module = wrapped.module
-    _require_injected(module)
-    remove_layer_drop(module)
-    detach(module)
-    while blocks := injected_blocks(module):
-        path, block = blocks[0]
-        parent_path, _, name = path.rpartition(".")
-        setattr(module.get_submodule(parent_path), name, restore_original(block))
-    wrapped.forget_compiled_code()
+    with inner_module(model) as module:
+        _require_injected(module)
+        remove_layer_drop(module)
+        detach(module)
+        while blocks := injected_blocks(module):
+            path, block = blocks[0]
+            parent_path, _, name = path.rpartition(".")
+            setattr(module.get_submodule(parent_path), name, restore_original(block))
     return model

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -43,34 +43,44 @@ def _parallel_types() -> tuple[type[nn.Module], ...]:
     return parallel
 
 
-@dataclass(frozen=True)
-class Wrapped:
-    """The user's module inside a model's wrappers, and the compiled wrappers around it."""
-
-    module: nn.Module
-    compiled: tuple[nn.Module, ...]
-
-    def forget_compiled_code(self) -> None:
-        """Make every compiled wrapper compile again on its next call, seeing the change."""
-        if self.compiled:
-            forget_compiled_code(self.module, self.compiled)
-
-
-def unwrap(model: nn.Module) -> Wrapped:
-    """``model`` without its ``torch.compile``, DataParallel and DDP wrappers, outermost first."""
+def _unwrap(model: nn.Module) -> tuple[nn.Module, list[object]]:
+    """The user's module inside ``model``'s ``torch.compile``, DataParallel and DDP wrappers,
+    and what each compiled wrapper calls."""
     compiled_type = _compiled_type()
     parallel = _parallel_types()
-    compiled: list[nn.Module] = []
+    entries: list[object] = []
     module = model
     while True:
         if compiled_type is not None and isinstance(module, compiled_type):
-            compiled.append(module)
+            # forward, or _forward behind a lazy module's check
+            entries += [vars(module)[n] for n in ("forward", "_forward") if n in vars(module)]
             module = module.get_submodule("_orig_mod")
         elif isinstance(module, parallel):
             module = module.get_submodule("module")
         else:
-            break
-    return Wrapped(module, tuple(compiled))
+            return module, entries
+
+
+@contextmanager
+def inner_module(model: nn.Module, *, changes: bool = True) -> Iterator[nn.Module]:
+    """The user's module inside ``model``'s wrappers, run eagerly in the block: modules compiled
+    in place (``Module.compile()``) get their compiled call back after it. With ``changes``,
+    the code compiled for the module is forgotten after the block, so that the next compiled
+    call sees what the block did."""
+    module, entries = _unwrap(model)
+    in_place = [
+        (m, impl) for m in module.modules() if (impl := m._compiled_call_impl) is not None
+    ]
+    for m, _ in in_place:
+        m._compiled_call_impl = None
+    try:
+        yield module
+    finally:
+        for m, impl in in_place:
+            m._compiled_call_impl = impl
+        entries += [impl for _, impl in in_place]
+        if changes and entries:
+            forget_compiled_code(module, entries)
 
 
 def _code_of(function: object) -> types.CodeType | None:
@@ -91,32 +101,31 @@ def _resumes(code: types.CodeType) -> Iterator[types.CodeType]:
             pending.append(resume)
 
 
-def _frames(module: nn.Module, compiled: tuple[nn.Module, ...]) -> set[types.CodeType]:
-    """The code of the frames Dynamo may have compiled for ``module`` under ``compiled``: what
-    each wrapper calls (``module.__call__`` or a small function around it, for a module of
-    ``torch.nn`` itself), and the ``forward`` of every module inside."""
+def _frames(module: nn.Module, entries: list[object]) -> set[types.CodeType]:
+    """The code of the frames Dynamo may have compiled for ``module``: what each compiled
+    wrapper calls (``module.__call__`` or a small function around it, for a module of
+    ``torch.nn`` itself) and what that wraps, and the ``forward`` of every module inside."""
     functions: list[object] = []
-    for wrapper in compiled:
-        for name in ("forward", "_forward"):  # _forward: a lazy module's compiled call
-            function = vars(wrapper).get(name)
-            while function is not None:  # Dynamo's wrapper, then what it wraps
-                functions.append(function)
-                function = getattr(function, "__wrapped__", None)
+    for entry in entries:
+        function: object | None = entry
+        while function is not None:  # Dynamo's wrapper, then what it wraps
+            functions.append(function)
+            function = getattr(function, "__wrapped__", None)
     for submodule in module.modules():
         functions += [type(submodule).forward, submodule.forward]
     return {code for function in functions if (code := _code_of(function)) is not None}
 
 
-def forget_compiled_code(module: nn.Module, compiled: tuple[nn.Module, ...]) -> None:
-    """Drop Dynamo's compiled code for the frames ``module`` runs under the ``compiled``
-    wrappers, with the resume functions made of them (or all compiled code, where torch
-    lacks the scoped call)."""
+def forget_compiled_code(module: nn.Module, entries: list[object]) -> None:
+    """Drop Dynamo's compiled code for the frames ``module`` runs when called through the
+    compiled ``entries``, with the resume functions made of them (or all compiled code, where
+    torch lacks the scoped call)."""
     try:
         from torch._dynamo.eval_frame import remove_from_cache
     except ImportError:
         torch.compiler.reset()
         return
-    codes = _frames(module, compiled)
+    codes = _frames(module, entries)
     for code in list(codes):
         codes.update(_resumes(code))
     for code in codes:

@@ -131,6 +131,22 @@ def test_compiled_and_run_then_injected(name: str) -> None:
         assert torch.equal(compiled.eval()(x), reference)
 
 
+@pytest.mark.parametrize("name", ["convnet", "vit"])
+def test_compiled_in_place_and_run_then_injected(name: str) -> None:
+    """``Module.compile()`` compiles the model's own calls, no wrapper: the same two orders."""
+    model, branchless = MODELS[name]()
+    x = inputs(name)
+    model.compile(backend=BACKEND)
+    with torch.no_grad():
+        reference = model.eval()(x)
+        model.train()(x)
+    assert inject_all(model, x) is model
+    assert model._compiled_call_impl is not None  # still compiled
+    check_drop_paths_run(model, branchless, x)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), reference)
+
+
 def test_compiled_with_graph_breaks_then_injected() -> None:
     """The code after a graph break is a resume function of its own: forgotten too."""
     model, branchless = convnet(graph_break=True)
