@@ -62,9 +62,7 @@ class _ModuleState:
 @contextmanager
 def python_state_kept(model: nn.Module) -> Iterator[None]:
     """Run the block, then put back the plain Python attributes of ``model``'s modules."""
-    states = [
-        _ModuleState.of(m) for m in model.modules() if not isinstance(m, LazyModuleMixin)
-    ]
+    states = [_ModuleState.of(m) for m in model.modules() if not isinstance(m, LazyModuleMixin)]
     try:
         yield
     finally:

@@ -68,9 +68,7 @@ def inner_module(model: nn.Module, *, changes: bool = True) -> Iterator[nn.Modul
     the code compiled for the module is forgotten after the block, so that the next compiled
     call sees what the block did."""
     module, entries = _unwrap(model)
-    in_place = [
-        (m, impl) for m in module.modules() if (impl := m._compiled_call_impl) is not None
-    ]
+    in_place = [(m, impl) for m in module.modules() if (impl := m._compiled_call_impl) is not None]
     for m, _ in in_place:
         m._compiled_call_impl = None
     try:
