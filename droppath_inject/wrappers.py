@@ -2,10 +2,11 @@
 
 Injection works on the user's own module inside the wrapper (``_orig_mod``, ``.module``): its
 capture and verification runs are plain eager runs of that module, and the wrapper, which
-calls it, then runs the drop paths. An accelerate-prepared model is the model itself, or one
+calls it, then runs the drop paths. A module compiled in place (``Module.compile()``) is run
+without its compiled call meanwhile. An accelerate-prepared model is the model itself, or one
 of these wrappers.
 
-A compiled wrapper keeps code that was compiled before the drop paths existed: Dynamo does not
+A compiled model keeps code that was compiled before the drop paths existed: Dynamo does not
 guard on a module's hook dictionaries while they are empty (``skip_nnmodule_hook_guards``), so
 hooks added after a compiled run are never called. The compiled code of the frames that can
 hold the model is therefore forgotten after injection (and after ``remove_droppath``): the
