@@ -28,13 +28,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-
-def _compiled_type() -> type[nn.Module] | None:
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except ImportError:  # a build of torch without Dynamo
-        return None
-    return OptimizedModule
+from .internals import compiled_call, compiled_module_type, forget_compiled, set_compiled_call
 
 
 def _parallel_types() -> tuple[type[nn.Module], ...]:
@@ -47,7 +41,7 @@ def _parallel_types() -> tuple[type[nn.Module], ...]:
 def _unwrap(model: nn.Module) -> tuple[nn.Module, list[object]]:
     """The user's module inside ``model``'s ``torch.compile``, DataParallel and DDP wrappers,
     and what each compiled wrapper calls."""
-    compiled_type = _compiled_type()
+    compiled_type = compiled_module_type()
     parallel = _parallel_types()
     entries: list[object] = []
     module = model
@@ -69,15 +63,15 @@ def inner_module(model: nn.Module, *, changes: bool = True) -> Iterator[nn.Modul
     the code compiled for the module is forgotten after the block, so that the next compiled
     call sees what the block did."""
     module, entries = _unwrap(model)
-    in_place = [(m, impl) for m in module.modules() if (impl := m._compiled_call_impl) is not None]
+    in_place = [(m, call) for m in module.modules() if (call := compiled_call(m)) is not None]
     for m, _ in in_place:
-        m._compiled_call_impl = None
+        set_compiled_call(m, None)
     try:
         yield module
     finally:
-        for m, impl in in_place:
-            m._compiled_call_impl = impl
-        entries += [impl for _, impl in in_place]
+        for m, call in in_place:
+            set_compiled_call(m, call)
+        entries += [call for _, call in in_place]
         if changes and entries:
             forget_compiled_code(module, entries)
 
@@ -86,18 +80,6 @@ def _code_of(function: object) -> types.CodeType | None:
     function = getattr(function, "__func__", function)
     code = getattr(function, "__code__", None)
     return code if isinstance(code, types.CodeType) else None
-
-
-def _resumes(code: types.CodeType) -> Iterator[types.CodeType]:
-    """The resume functions Dynamo generated from ``code`` at graph breaks, and theirs."""
-    from torch._dynamo.resume_execution import ContinueExecutionCache
-
-    pending = [code]
-    while pending:
-        generated = ContinueExecutionCache.cache.get(pending.pop())
-        for resume in (generated or {}).values():
-            yield resume
-            pending.append(resume)
 
 
 def _frames(module: nn.Module, entries: list[object]) -> set[types.CodeType]:
@@ -117,15 +99,5 @@ def _frames(module: nn.Module, entries: list[object]) -> set[types.CodeType]:
 
 def forget_compiled_code(module: nn.Module, entries: list[object]) -> None:
     """Drop Dynamo's compiled code for the frames ``module`` runs when called through the
-    compiled ``entries``, with the resume functions made of them (or all compiled code, where
-    torch lacks the scoped call)."""
-    try:
-        from torch._dynamo.eval_frame import remove_from_cache
-    except ImportError:
-        torch.compiler.reset()
-        return
-    codes = _frames(module, entries)
-    for code in list(codes):
-        codes.update(_resumes(code))
-    for code in codes:
-        remove_from_cache(code)
+    compiled ``entries``, with the resume functions made of them."""
+    forget_compiled(_frames(module, entries))
