@@ -29,6 +29,7 @@ from .schedule import Schedule, drop_rates, schedule_name
 from .surgery import Rewrite
 from .traced import dry_run, inject_traced
 from .verify import verify_attached
+from .wrappers import inner_module
 
 Existing = Literal["rerate", "keep"]
 _EXISTING: tuple[str, ...] = ("rerate", "keep")
@@ -89,15 +90,16 @@ def find_residuals(
         (8, 8)
     """
     _check_arguments(max_drop, schedule, "row", existing)
-    inputs = resolve_inputs(model, example_inputs, required=False)
-    if inputs is None:
-        report = dry_run(model, max_drop, schedule)
-    else:
-        with _garbage_collection_paused():
-            plan = make_plan(model, inputs)
-        rates = drop_rates(plan.num_blocks, max_drop, schedule)
-        sites = dry_sites(plan, rates, keep_existing=existing == "keep")
-        report = Report(sites, [], plan.num_blocks)
+    with inner_module(model, changes=False) as module:
+        inputs = resolve_inputs(module, example_inputs, required=False)
+        if inputs is None:
+            report = dry_run(module, max_drop, schedule)
+        else:
+            with _garbage_collection_paused():
+                plan = make_plan(module, inputs)
+            rates = drop_rates(plan.num_blocks, max_drop, schedule)
+            sites = dry_sites(plan, rates, keep_existing=existing == "keep")
+            report = Report(sites, [], plan.num_blocks)
     report.parameters = Parameters(max_drop, schedule_name(schedule), "row", existing)
     return report
 
@@ -152,6 +154,10 @@ def inject_droppath(
 ) -> nn.Module | tuple[nn.Module, Report]:
     """Put DropPath on every residual branch of ``model``, in place, and return the model.
 
+    A model inside ``torch.compile``, ``nn.DataParallel`` or ``DistributedDataParallel`` is
+    changed inside, and the wrapper is returned: it then runs the drop paths (a compiled one
+    compiles again on its next call).
+
     The model runs once in eval mode on ``example_inputs`` (inferred when omitted, where
     possible), which shows every residual add its own Python computes, however it is written.
     Block ``i`` of ``L`` in execution order gets ``schedule``'s rate (linear: ``max_drop * i /
@@ -163,7 +169,7 @@ def inject_droppath(
     an earlier call) are re-rated to the schedule (``existing="keep"`` leaves foreign ones).
 
     Args:
-        model: the model, changed in place.
+        model: the model, changed in place, or a wrapper holding it.
         max_drop: the rate of the deepest block (linear schedule).
         schedule: ``"linear"``, ``"uniform"``, ``"exponential"`` (LayerSkip) or a callable
             ``(index, num_blocks, max_drop)``; see ``drop_rates``.
@@ -201,15 +207,15 @@ def inject_droppath(
     _check_arguments(max_drop, schedule, mode, existing)
     by_block = Granularity.parse(granularity) is Granularity.BLOCK
     traced = skip_compute and not by_block
-    check_repeat_call(model, by_block, skip_compute)
-    with _garbage_collection_paused():
+    with inner_module(model) as module, _garbage_collection_paused():
+        check_repeat_call(module, by_block, skip_compute)
         if traced:
             rewrite = Rewrite(mode, skip_compute, gather_batch_norm)
-            report = inject_traced(model, max_drop, schedule, example_inputs, verify, rewrite)
+            report = inject_traced(module, max_drop, schedule, example_inputs, verify, rewrite)
         else:
             blocks = (skip_compute, gather_batch_norm) if by_block else None
             report = _inject(
-                model, max_drop, schedule, mode, example_inputs, verify, existing, blocks
+                module, max_drop, schedule, mode, example_inputs, verify, existing, blocks
             )
     report.parameters = Parameters(
         max_drop,
@@ -220,7 +226,7 @@ def inject_droppath(
         gather_batch_norm,
         Granularity.parse(granularity).value,
     )
-    _warn_if_little_happened(model, report)
+    _warn_if_little_happened(module, report)
     return (model, report) if return_report else model
 
 

@@ -14,13 +14,14 @@ from .errors import DropPathInjectError
 from .layer_drop import remove_layer_drop
 from .schedule import Schedule, drop_rates
 from .surgery import InjectedBlock, restore_original
+from .wrappers import inner_module
 
 
 def injected_blocks(model: nn.Module) -> list[tuple[str, InjectedBlock]]:
     """The blocks ``inject_droppath(skip_compute=True)`` rewrote, with their paths.
 
     Args:
-        model: a model given to ``inject_droppath`` (or one containing it).
+        model: a model given to ``inject_droppath`` (or one containing it, or its wrapper).
 
     Returns:
         ``(path, block)`` pairs, outermost first; empty unless ``skip_compute`` was used.
@@ -78,7 +79,7 @@ def set_drop_rates(model: nn.Module, max_drop: float, schedule: Schedule = "line
     attributes.
 
     Args:
-        model: a model given to ``inject_droppath`` (or one containing it).
+        model: a model given to ``inject_droppath`` (or one containing it, or its wrapper).
         max_drop: the new largest rate.
         schedule: ``"linear"``, ``"uniform"``, ``"exponential"`` (LayerSkip) or a callable
             ``(index, num_blocks, max_drop)``; see ``drop_rates``.
@@ -122,7 +123,7 @@ def remove_droppath(model: nn.Module) -> nn.Module:
     deployed as it was.
 
     Args:
-        model: a model given to ``inject_droppath`` (or one containing it).
+        model: a model given to ``inject_droppath`` (or one containing it, or its wrapper).
 
     Returns:
         ``model``, without any DropPath of this package.
@@ -138,11 +139,12 @@ def remove_droppath(model: nn.Module) -> nn.Module:
         >>> any(isinstance(m, DropPath) for m in model.modules())
         False
     """
-    _require_injected(model)
-    remove_layer_drop(model)
-    detach(model)
-    while blocks := injected_blocks(model):
-        path, block = blocks[0]
-        parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), name, restore_original(block))
+    with inner_module(model) as module:
+        _require_injected(module)
+        remove_layer_drop(module)
+        detach(module)
+        while blocks := injected_blocks(module):
+            path, block = blocks[0]
+            parent_path, _, name = path.rpartition(".")
+            setattr(module.get_submodule(parent_path), name, restore_original(block))
     return model

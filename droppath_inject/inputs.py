@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .errors import ExampleInputError
+from .python_state import python_state_kept
 from .tracing import training_mode
 
 #: Batch size of inferred inputs: 2, so that per-sample ops and batch statistics are exercised.
@@ -224,9 +225,15 @@ def infer_example_inputs(model: nn.Module) -> ExampleInputs | None:
 
 @contextmanager
 def side_effect_free_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no grad and a forked RNG: running the model changes none of its state."""
+    """Eval mode, no grad, a forked RNG and the modules' Python attributes put back after:
+    running the model changes none of its state (``python_state``)."""
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
-    with training_mode(model, False), torch.no_grad(), torch.random.fork_rng(devices=devices):
+    with (
+        python_state_kept(model),
+        training_mode(model, False),
+        torch.no_grad(),
+        torch.random.fork_rng(devices=devices),
+    ):
         yield
 
 

@@ -7,7 +7,8 @@ timm is used through its public API only (``timm.layers.get_notrace_modules``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,3 +140,56 @@ def remove_forward_hooks(module: nn.Module, predicate: Callable[[Any], bool]) ->
         getattr(module, "_forward_hooks_with_kwargs", {}).pop(key, None)
         getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
     return len(keys)
+
+
+def compiled_module_type() -> type[nn.Module] | None:
+    """``torch.compile``'s wrapper of a module (``OptimizedModule``, no public name), or None in
+    a build of torch without Dynamo. It holds the user's module as ``_orig_mod``."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:
+        return None
+    return OptimizedModule
+
+
+def compiled_call(module: nn.Module) -> Callable[..., Any] | None:
+    """What ``module.compile()`` (torch >= 2.2) runs in place of the module's call, or None."""
+    call: Callable[..., Any] | None = getattr(module, "_compiled_call_impl", None)
+    return call
+
+
+def set_compiled_call(module: nn.Module, call: Callable[..., Any] | None) -> None:
+    """Set the compiled call of ``module``; None runs its own code eagerly."""
+    module._compiled_call_impl = call
+
+
+def _resumes(code: types.CodeType) -> Iterator[types.CodeType]:
+    """The resume functions Dynamo generated from ``code`` at graph breaks, and theirs."""
+    from torch._dynamo.resume_execution import ContinueExecutionCache
+
+    pending = [code]
+    while pending:
+        generated = ContinueExecutionCache.cache.get(pending.pop())
+        for resume in (generated or {}).values():
+            yield resume
+            pending.append(resume)
+
+
+def forget_compiled(codes: Iterable[types.CodeType]) -> None:
+    """Drop Dynamo's compiled entries for ``codes`` and for the resume functions it generated
+    from them (``ContinueExecutionCache``), so that their next call compiles again.
+
+    ``torch._dynamo.eval_frame.remove_from_cache`` is the one scoped invalidation Dynamo has;
+    where it is missing, ``torch.compiler.reset()`` forgets every compiled function instead.
+    Checked on torch 2.14 only (``tests/test_wrappers.py`` fails if a release changes it).
+    """
+    try:
+        from torch._dynamo.eval_frame import remove_from_cache
+    except ImportError:
+        torch.compiler.reset()
+        return
+    pending = set(codes)
+    for code in list(pending):
+        pending.update(_resumes(code))
+    for code in pending:
+        remove_from_cache(code)

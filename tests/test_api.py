@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import timm
@@ -41,16 +42,18 @@ class _Net(nn.Module):
 
 
 class _Irreproducible(nn.Module):
-    """A block whose eval output changes on every call (a counter added to it)."""
+    """A block whose eval output changes on every call: a counter added to it, kept in an
+    object (injection puts a module's attributes back after each run, not the state of the
+    objects they hold)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
-        self.calls = 0
+        self.clock = types.SimpleNamespace(calls=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        self.calls += 1
-        return x + self.conv(x) + self.calls
+        self.clock.calls += 1
+        return x + self.conv(x) + self.clock.calls
 
 
 def test_inferred_input_follows_timm_img_size() -> None:

@@ -36,6 +36,8 @@ SMALL = "1,3,64,64"
 
 # Classes for models that must fail verification; written to a module the subprocess can import.
 HELPER_MODULE = '''
+import types
+
 import torch
 from torch import nn
 
@@ -62,16 +64,17 @@ class SlowToSave(nn.Module):
 
 
 class Drifting(nn.Module):
-    """Eval outputs change on every call, so no rewrite of it can verify."""
+    """Eval outputs change on every call, so no rewrite of it can verify (the count is kept in
+    an object: injection puts module attributes back after each run, not objects' state)."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 1)
-        self.calls = 0
+        self.clock = types.SimpleNamespace(calls=0)
 
     def forward(self, x):
-        self.calls += 1
-        return x + self.conv(x) + self.calls
+        self.clock.calls += 1
+        return x + self.conv(x) + self.clock.calls
 
 
 class ChangesWhenReloaded(nn.Module):

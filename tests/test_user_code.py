@@ -166,12 +166,17 @@ def test_python_side_effects_still_happen() -> None:
 
 
 def test_failed_injection_leaves_real_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failed verification restores the model; what the block cached is a tensor, no Proxy."""
+    """A failed verification restores the model; what the block cached is what it held before
+    (a tensor from the user's own run), no Proxy and nothing from injection's runs."""
     model = net(SideEffects)
+    with torch.no_grad():
+        model(tokens()[0])
+    cached = [block.cache for block in model.blocks]
     monkeypatch.setattr(droppath_inject.verify, "outputs_equal", lambda expected, actual: False)
     with pytest.raises(VerificationError):
         inject_droppath(model, 0.2, example_inputs=tokens())
     assert all(type(block.cache) is Tensor for block in model.blocks)
+    assert all(b.cache is c for b, c in zip(model.blocks, cached, strict=True))
     assert not any(isinstance(m, DropPath) for m in model.modules())
     assert all(not m._forward_hooks for m in model.modules())
 

@@ -51,7 +51,8 @@ exit codes:
        be inferred, an unreadable --example-inputs file, injection failed
   5    verification failed: eval outputs changed, in memory or in the written file
   6    output refused or failed: it exists (without --force), it is the input, its directory is
-       missing or not writable, it is named .safetensors
+       missing or not writable, it is named .safetensors, or writing it failed (no space left
+       on device, disk quota exceeded, read-only file system: the cause is named)
   7    no residual site found (or none could take a DropPath): nothing written
   130  interrupted (SIGINT, Ctrl-C)
   143  terminated (SIGTERM, as kill, Docker and SLURM send)

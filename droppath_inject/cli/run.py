@@ -32,7 +32,7 @@ from .files import LoadedModel, load_source, summary
 from .inputs import INPUT_OPTIONS, example_inputs
 from .progress import Progress
 from .sources import Source, check_spec
-from .writing import atomic_output, check_output, write_text
+from .writing import atomic_output, check_output, torch_save, write_error, write_text
 
 
 def _check_outputs(args: argparse.Namespace, source: Source, out: Path | None) -> None:
@@ -96,9 +96,9 @@ def _write_model(
     """Save ``model`` to a temporary file, re-verify it, and only then move it to ``out``."""
     with atomic_output(out, overwrite=args.force) as temporary:
         try:
-            torch.save(model, temporary)
+            torch_save(model, temporary)
         except OSError as error:
-            raise OutputError(f"cannot write {out}: {error.strerror or error}") from None
+            raise write_error(out, error) from None
         except Exception as error:  # noqa: BLE001 - pickling fails with many types
             raise OutputError(
                 f"cannot pickle the rewritten model ({summary(error)}): please report this model"

@@ -3,13 +3,23 @@ and atomically, so that a failure at any point leaves no partial file behind."""
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from ..errors import OutputError
+
+_ADVICE = {
+    errno.ENOSPC: "free some space, or pass -o on another file system",
+    errno.EDQUOT: "free some of your quota, or pass -o on another file system",
+    errno.EROFS: "pass -o on a writable file system",
+}
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -55,13 +65,51 @@ def _publish(temporary: Path, path: Path, overwrite: bool) -> None:
         os.replace(temporary, path)
 
 
+def write_error(path: Path, error: OSError) -> OutputError:
+    """The OutputError for an OSError while writing ``path``: the path, the cause in words
+    ("no space left on device") and, for a full, over-quota or read-only disk, what to do."""
+    cause = error.strerror or str(error) or type(error).__name__
+    cause = cause[:1].lower() + cause[1:]
+    advice = _ADVICE.get(error.errno) if error.errno is not None else None
+    return OutputError(f"cannot write {path}: {cause}" + (f" ({advice})" if advice else ""))
+
+
 @contextmanager
 def output_errors(path: Path) -> Iterator[None]:
     """Turn an OSError while writing ``path`` into an OutputError that names it."""
     try:
         yield
     except OSError as error:
-        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+        raise write_error(path, error) from None
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError ``error`` is, or was raised while handling (``torch.save`` reports a failed
+    write to a file object as its own ``RuntimeError``, chained to the OSError)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def torch_save(value: Any, path: Path) -> None:
+    """``torch.save(value, path)``, raising the OSError of a failed write (ENOSPC, EDQUOT,
+    EROFS, ...) rather than torch's ``RuntimeError`` ("enforce fail at inline_container.cc").
+
+    Saved through a Python file object: writing to a path, torch's C++ stream drops the
+    cause; a file object's OSError stays chained to the RuntimeError."""
+    with open(path, "wb") as file:
+        try:
+            torch.save(value, file)
+        except Exception as error:
+            cause = _os_error(error)
+            if cause is None or cause is error:
+                raise
+            raise cause from None
 
 
 def _fsync(path: Path) -> None:
