@@ -8,7 +8,7 @@ are merged (``merge_and_unload``), the drop paths removed (eval outputs checked 
 and, with ``--out DIR``, the plain Llama saved with ``save_pretrained``. Offline by default: a
 tiny Llama with random weights, learning synthetic counting sequences.
 
-    python examples/finetune_lora_llama_layerdrop.py            # about 10 s on 2 CPU cores
+    python examples/finetune_lora_llama_layerdrop.py            # 8 s of CPU time on one thread
     python examples/finetune_lora_llama_layerdrop.py --model meta-llama/Llama-3.2-1B --pretrained
 """
 
