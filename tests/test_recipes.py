@@ -87,7 +87,6 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.mark.slow
 def test_timm_finetune(in_tmp: Path) -> None:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
@@ -111,7 +110,6 @@ def test_timm_finetune(in_tmp: Path) -> None:
         assert torch.equal(plain(x), model(x))
 
 
-@pytest.mark.slow
 def test_huggingface_trainer(in_tmp: Path) -> None:
     pytest.importorskip("accelerate")
     config = tiny_llama_config()
