@@ -56,6 +56,48 @@ def test_finetune_torchvision_resnet(tmp_path: Path) -> None:
     plain.load_state_dict(torch.load(out, weights_only=True))
 
 
+def step_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("step ")]
+
+
+def test_finetune_lightning(tmp_path: Path) -> None:
+    """Three steps with a checkpoint at step 2, then a run resumed from it: the resumed run's
+    step 3 trains at the end of the 2-step warm-up, as the first run's step 3 did."""
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("lightning")
+    out, checkpoints = tmp_path / "convnext.pt", tmp_path / "checkpoints"
+    stdout = run_example(
+        "finetune_lightning.py", "--out", out, "--checkpoint-dir", checkpoints, "--save-every", 2
+    )
+    blocks = timm.create_model("convnext_atto", num_classes=10).stages
+    assert_finetune_output(stdout, num_sites=12, num_blocks=sum(len(s.blocks) for s in blocks))
+    plain = timm.create_model("convnext_atto", num_classes=10)
+    plain.load_state_dict(torch.load(out, weights_only=True))
+    assert [line.split()[1] for line in step_lines(stdout)] == ["1", "3"]
+
+    resumed = run_example("finetune_lightning.py", "--resume", checkpoints / "epoch=0-step=2.ckpt")
+    (line,) = step_lines(resumed)
+    assert line.startswith("step    3 ") and "max drop 0.1000" in line
+
+
+def test_finetune_lora_llama_layerdrop(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = tmp_path / "llama"
+    stdout = run_example("finetune_lora_llama_layerdrop.py", "--skip-compute", "--out", out)
+    layers = 4  # the example's tiny Llama: 2 residual branches per decoder layer
+    assert f"{2 * layers} residual sites in {layers} blocks" in stdout
+    assert f"granularity block: {layers} skips compute" in stdout
+    steps = step_lines(stdout)
+    assert "max drop 0.0000" in steps[0] and "max drop 0.2000" in steps[-1]
+    assert "merged LoRA into LlamaForCausalLM" in stdout
+    assert "removed DropPath: eval outputs bit-identical: True" in stdout
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == layers
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # LoRA merged, no adapters
+
+
 def test_finetune_on_an_image_folder(tmp_path: Path) -> None:
     """``--data``: an ImageFolder with train/ and val/, its number of classes taken from it."""
     image = pytest.importorskip("PIL.Image")

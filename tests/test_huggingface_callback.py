@@ -136,6 +136,45 @@ def test_trainer_run_applies_and_logs_the_curriculum(tmp_path: Path) -> None:
     assert [logs[LOG_KEY] for logs in later] == [entry[LOG_KEY] for entry in step_logs]
 
 
+def test_resumed_trainer_run_continues_the_curriculum(tmp_path: Path) -> None:
+    """A run saved at step 3 of 6 and resumed from that checkpoint with
+    ``train(resume_from_checkpoint=...)`` (new model object, new scheduler at step 0, new
+    Trainer) trains step k at the rates the uninterrupted run had at step k."""
+    arguments = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3}
+    model = tiny_llama()
+    uninterrupted = record_training_rates(model)
+    trainer = transformers.Trainer(
+        model=model,
+        args=training_arguments(tmp_path, **arguments),
+        train_dataset=token_dataset(20),
+        callbacks=[DropPathCallback(DropPathScheduler.warmup(model, 0.4, fraction=0.8))],
+    )
+    trainer.train()
+    assert len(uninterrupted) == 6
+
+    resumed_model = tiny_llama()
+    resumed = record_training_rates(resumed_model)
+    scheduler = DropPathScheduler.warmup(resumed_model, 0.4, fraction=0.8)
+    assert scheduler.count == 0
+    trainer = transformers.Trainer(
+        model=resumed_model,
+        args=training_arguments(tmp_path, **arguments),
+        train_dataset=token_dataset(20),
+        callbacks=[DropPathCallback(scheduler)],
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert len(resumed) == 3
+    assert resumed == uninterrupted[3:]
+    depth = [i / (LAYERS - 1) for i in range(LAYERS) for _ in range(2)]
+    for step, rates in enumerate(resumed, start=3):  # and both are the formula (6-step sizing)
+        expected = [0.4 * min(step / (0.8 * 6), 1.0) * d for d in depth]
+        assert rates == pytest.approx(expected, rel=1e-12, abs=1e-15), (step, rates)
+    step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in step_logs][-3:] == [4, 5, 6]
+    for entry in step_logs[-3:]:
+        assert entry[LOG_KEY] == pytest.approx(0.4 * min((entry["step"] - 1) / 4.8, 1.0))
+
+
 def test_trainer_run_skips_dropped_rows_with_the_cache_on(tmp_path: Path) -> None:
     """Layer drop under a Trainer that keeps the cache on (``use_cache=True``; the Trainer turns
     it off by default): every training forward gets a fresh cache, which the kept rows fill, so

@@ -9,11 +9,10 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..curricula import Curriculum
 from ..scheduler import DropPathScheduler
+from .stepping import LOG_KEY, LoopSteps
 
-#: The key the largest drop rate is logged under, beside ``loss`` and ``learning_rate``.
-LOG_KEY = "droppath_max_rate"
+__all__ = ["LOG_KEY", "DropPathCallback"]
 
 
 class DropPathCallback(TrainerCallback):
@@ -42,28 +41,20 @@ class DropPathCallback(TrainerCallback):
     """
 
     def __init__(self, scheduler: DropPathScheduler) -> None:
-        if not isinstance(scheduler, DropPathScheduler):
-            raise TypeError(
-                f"DropPathCallback takes a DropPathScheduler, got {type(scheduler).__name__}"
-            )
+        self.steps = LoopSteps(scheduler)
         self.scheduler = scheduler
-        self.trained_rate = scheduler.max_drop
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Size a fraction-based curriculum from ``state.max_steps``; go to the global step."""
-        curriculum = self.scheduler.max_drop_at
-        if isinstance(curriculum, Curriculum) and curriculum.needs_total_steps:
-            self.scheduler.max_drop_at = curriculum.sized(state.max_steps)
-        self.trained_rate = self.scheduler.set_step(state.global_step)
+        self.steps.begin(lambda: state.max_steps, state.global_step)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """After an optimizer step: apply the rates of the next one."""
-        self.trained_rate = self.scheduler.max_drop
-        self.scheduler.set_step(state.global_step)
+        self.steps.after_step(state.global_step)
 
     def on_log(
         self,
@@ -78,6 +69,6 @@ class DropPathCallback(TrainerCallback):
             return
         history = state.log_history
         recorded = bool(history) and all(history[-1].get(k) == v for k, v in logs.items())
-        logs[LOG_KEY] = self.trained_rate
+        logs[LOG_KEY] = self.steps.trained_rate
         if recorded:  # the Trainer appends a copy of logs just before calling on_log
-            history[-1][LOG_KEY] = self.trained_rate
+            history[-1][LOG_KEY] = self.steps.trained_rate
