@@ -120,7 +120,7 @@ def test_peft_model_gets_its_base_models_sites(adapter: str) -> None:
     tuners = _tuner_layers(wrapped)
     assert tuners  # the adapters are there
     for site in report.sites:
-        for path in (site.owner, site.attached_to, *site.shared_with):
+        for path in (site.owner, site.branch, site.skip, site.attached_to, *site.shared_with):
             assert not any(path == t or path.startswith(t + ".") for t in tuners), path
     assert _drop_paths(wrapped, PREFIX) == _drop_paths(base)
     assert _hooked(wrapped, PREFIX) == _hooked(base)
