@@ -29,7 +29,7 @@ from torch import fx, nn
 from .blocks import CONTAINERS
 from .capture import CapturedRun, ModuleOutput
 from .droppaths import is_drop_path_module, is_drop_path_slot
-from .graph_facts import add_operands, data_derived, rejoins_add, writes_back
+from .graph_facts import add_operands, data_derived, rejoins_add, stacked_terms, writes_back
 from .layers import DropPath
 from .residuals import ResidualSite
 
@@ -238,7 +238,7 @@ class _Planner:
     def _terms(self, site: ResidualSite, node: fx.Node) -> list[list[fx.Node]]:
         """The tails of the terms of a parallel sum, nested parallel sums expanded."""
         tails = []
-        for operand in add_operands(node) or ():
+        for operand in add_operands(node) or stacked_terms(node) or ():
             tail = branch_tail(site, operand)
             if tail[-1] in site.parallel_sums:
                 tails.extend(self._terms(site, tail[-1]))
@@ -250,27 +250,32 @@ class _Planner:
         self, site: ResidualSite, node: fx.Node, holder: str, named: str
     ) -> list[Attachment] | NoAttachment:
         """One attachment per term of the parallel sum ``node``: a slot, a hook, or a DropPath
-        of this package already there (a drop path of another library cannot share the
-        decision), each module called once first."""
+        of this package already there, each module called once first. A drop path of another
+        library cannot share the decision: where every term has one (timm's parallel blocks),
+        they are re-rated and keep their own decisions; elsewhere they are passed by."""
         region = set(site.branch_region)
+        tails = self._terms(site, node)
+        options = [self._options(tail, region, holder, named) for tail in tails]
+        foreign = [
+            bool(o) and o[0].kind is AttachKind.EXISTING and not self._ours(o[0]) for o in options
+        ]
         chosen: list[Attachment] = []
-        for tail in self._terms(site, node):
-            options = [
-                a
-                for a in self._options(tail, region, holder, named)
-                if a.kind is not AttachKind.EXISTING
-                or isinstance(self.run.modules[a.module], DropPath)
-            ]
-            options.sort(key=lambda a: self.run.call_counts[a.module] > 1)
-            if not options:
+        for tail, option in zip(tails, options, strict=True):
+            if not all(foreign):
+                option = [a for a in option if a.kind is not AttachKind.EXISTING or self._ours(a)]
+            option.sort(key=lambda a: self.run.call_counts[a.module] > 1)
+            if not option:
                 return NoAttachment(
                     "the branch is a sum of parallel paths, and one of them is not the output "
                     f"of a module call (it is computed by {_op_name(tail[-1])})",
                     named,
                 )
-            chosen.append(replace(options[0], holder=holder))
+            chosen.append(replace(option[0], holder=holder))
         first, *rest = chosen
         return [replace(first, parts=tuple(rest))]
+
+    def _ours(self, attachment: Attachment) -> bool:
+        return isinstance(self.run.modules[attachment.module], DropPath)
 
     def _holder(self, owner: str) -> str | None:
         path = owner

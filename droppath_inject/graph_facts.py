@@ -136,6 +136,23 @@ def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return a, b
 
 
+def stacked_terms(node: fx.Node) -> list[fx.Node] | None:
+    """The terms of a sum written ``torch.stack([t1, ..., tn]).sum(dim=0)`` (timm's parallel
+    blocks), or None for anything else."""
+    if _op_name(node) != "sum" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    stack = node.args[0]
+    if dim != 0 or _op_name(stack) != "stack" or len(stack.users) != 1:
+        return None
+    stack_dim = stack.args[1] if len(stack.args) > 1 else stack.kwargs.get("dim", 0)
+    terms = stack.args[0] if stack.args else stack.kwargs.get("tensors")
+    if stack_dim != 0 or not isinstance(terms, (list, tuple)):
+        return None
+    nodes = [t for t in terms if isinstance(t, fx.Node)]
+    return nodes if len(nodes) == len(terms) >= 2 else None
+
+
 def is_inplace_add(node: fx.Node) -> bool:
     """True for ``a.add_(b)`` and ``operator.iadd``, which mutate their first operand."""
     return node.target in _INPLACE_ADDS

@@ -81,8 +81,9 @@ def _refuse_sharing(block: _Block, plan: Plan) -> str:
         attachment = planned.attachment
         if not isinstance(attachment, Attachment):
             return f"a branch got no DropPath ({attachment.reason})"
-        if attachment.kind is AttachKind.EXISTING and not isinstance(
-            plan.run.modules[attachment.module], BlockDropPath
+        existing = plan.run.modules[attachment.module]
+        if attachment.kind is AttachKind.EXISTING and not (
+            isinstance(existing, BlockDropPath) and not isinstance(existing.gate, SumGate)
         ):
             return f"{attachment.module} is an existing drop path with its own decisions"
     return ""

@@ -2,7 +2,11 @@
 
 An add ``a + b`` is a residual when both operands descend from a common fork ``x``, each side
 is a closed region (no tensor it computes from ``x`` is used outside it), and one side, the
-branch, holds a longer chain of weight-bearing ops than the other, the skip. See docs/DESIGN.md.
+branch, holds a longer chain of weight-bearing ops than the other, the skip. A skip that is not
+``x`` itself must be a shortcut of it: a sum of two sides linear in ``x`` is one weight op in
+disguise (LoRA, RepVGG), and a nonlinear skip two weight ops deep makes a parallel sum
+(attention + MLP of a parallel block), which is no residual but can be a residual's branch.
+See docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ from dataclasses import dataclass, replace
 from torch import fx, nn
 
 from .droppaths import is_drop_path_module
-from .graph_facts import GraphFacts, add_operands, is_inplace_add, rejoins_add, writes_back
+from .graph_facts import (
+    GraphFacts,
+    add_operands,
+    is_inplace_add,
+    rejoins_add,
+    stacked_terms,
+    writes_back,
+)
 from .layers import SkippingDropPath
 
 
@@ -26,8 +37,10 @@ class ResidualSite:
     contains the add and both of its sides; ``branch_region`` holds the tensor ops computed
     from the fork on the way to the branch operand (inclusive), in execution order;
     ``existing_drop_path`` names a drop-path module already on the branch, if any;
-    ``owner_call`` is the key of the owner's call in ``nn_module_stack``, and ``weightless``
-    says the branch won on parameterized ops alone (no conv, linear, matmul or attention).
+    ``owner_call`` is the key of the owner's call in ``nn_module_stack``, ``weightless``
+    says the branch won on parameterized ops alone (no conv, linear, matmul or attention), and
+    ``parallel_sums`` are the parallel sums in the branch region (the branch may be one), and
+    the sums written as ``torch.stack(terms).sum(dim=0)`` there.
     """
 
     add: fx.Node
@@ -46,9 +59,10 @@ class ResidualSite:
 
 @dataclass(frozen=True, eq=False)
 class _ParallelSum:
-    """An add of two paths from one fork, neither the fork nor a linear map of it (attention
-    and MLP of a parallel block, a shared expert and the routed experts): no residual itself,
-    but a residual whose branch it is gets a DropPath on each of its terms."""
+    """An add of two paths from one fork, neither a shortcut of it (both nonlinear in the
+    fork, each two weight ops deep or more: attention and MLP of a parallel block, a shared
+    expert and the routed experts): no residual itself, but a residual whose branch it is gets
+    a DropPath on each of its terms."""
 
     add: fx.Node
 
@@ -310,6 +324,7 @@ def find_sites(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[ResidualS
     ]
     sites = [site for site in found if isinstance(site, ResidualSite)]
     parallel = {site.add for site in found if isinstance(site, _ParallelSum)}
+    parallel.update(node for node in facts.nodes if stacked_terms(node) is not None)
     in_branches = {node for site in sites for node in site.branch_region}
     return [
         replace(site, parallel_sums=frozenset(parallel.intersection(site.branch_region)))

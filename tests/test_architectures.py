@@ -120,7 +120,7 @@ def test_peft_model_gets_its_base_models_sites(adapter: str) -> None:
     tuners = _tuner_layers(wrapped)
     assert tuners  # the adapters are there
     for site in report.sites:
-        for path in (site.owner, site.attached_to, *site.shared_with):
+        for path in (site.owner, site.branch, site.skip, site.attached_to, *site.shared_with):
             assert not any(path == t or path.startswith(t + ".") for t in tuners), path
     assert _drop_paths(wrapped, PREFIX) == _drop_paths(base)
     assert _hooked(wrapped, PREFIX) == _hooked(base)
@@ -310,3 +310,22 @@ def test_parallel_block_skips_whole_under_block_granularity() -> None:
     with torch.no_grad():
         out = model(IDS).last_hidden_state
         assert torch.equal(out, model.final_layer_norm(model.embed_in(IDS)))
+
+
+def test_timm_parallel_vit_drops_its_parallel_paths_together() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_small_patch16_18x2_224", pretrained=False, depth=2, embed_dim=64, num_heads=2,
+        img_size=32, patch_size=8, init_values=0.5,
+    ).eval()  # fmt: skip
+    x = torch.randn(4, 3, 32, 32)
+    report = _inject(model, max_drop=1.0, schedule="uniform", example_inputs=x)
+    assert len(report.sites) == 2 * len(model.blocks)  # attention and MLP residual per block
+    for block in model.blocks:  # timm's drop-path slot on every parallel path is filled
+        paths = [*block.attns, *block.ffns]
+        assert len(paths) == 4 and all(isinstance(p.drop_path, DropPath) for p in paths)
+    model.train()
+    with torch.no_grad():
+        tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        assert torch.equal(model.blocks(tokens), tokens)
