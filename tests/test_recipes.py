@@ -149,19 +149,7 @@ INJECT = (
 WRAP = 'model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))\n'
 
 
-@pytest.mark.parametrize(
-    "order",
-    [
-        "inject, then get_peft_model",
-        pytest.param(
-            "get_peft_model, then inject",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="PEFT adapter sums taken as residuals: issue 19, fixed in branch rule",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("order", ["inject, then get_peft_model", "get_peft_model, then inject"])
 def test_peft_lora_with_layer_drop(in_tmp: Path, order: str) -> None:
     pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
