@@ -110,13 +110,14 @@ class Attacher:
         if attachment.module in self._done:
             return self._done[attachment.module]
         if attachment.kind is AttachKind.EXISTING:
-            outcome = self._existing(attachment.module, rate, place)
+            outcome = self._existing(attachment, rate, place)
         else:
             drop = (
                 DropPath(rate, self.mode)
                 if self.make_drop is None
                 else self.make_drop(self, rate, place)
             )
+            drop.batch_dim = attachment.batch_dim
             slot = None
             if attachment.kind is AttachKind.SLOT:
                 slot = self.model.get_submodule(attachment.module)
@@ -151,9 +152,9 @@ class Attacher:
 
         self._undo.append(undo)
 
-    def _existing(self, path: str, rate: float, place: tuple[int, int]) -> Outcome:
+    def _existing(self, attachment: Attachment, rate: float, place: tuple[int, int]) -> Outcome:
         """Re-rate a drop path on the branch: ours always, another library's unless kept."""
-        module = self.model.get_submodule(path)
+        module = self.model.get_submodule(attachment.module)
         previous = drop_path_rate_of(module)
         earlier = placement_of(module)
         ours = (
@@ -165,10 +166,11 @@ class Attacher:
             assert earlier is not None and isinstance(module, DropPath)
             placement = Placement(*place, earlier.kind, slot=earlier.slot)
             mode_before, module.mode = module.mode, self.mode
+            batch_dim_before, module.batch_dim = module.batch_dim, attachment.batch_dim
         else:
             original = previous if earlier is None else earlier.original_rate
             placement = Placement(*place, AttachKind.EXISTING, original)
-            mode_before = None
+            mode_before, batch_dim_before = None, 0
         set_drop_path_rate(module, rate)
         _set_placement(module, placement)
 
@@ -176,7 +178,7 @@ class Attacher:
             set_drop_path_rate(module, previous)
             _set_placement(module, earlier)
             if mode_before is not None and isinstance(module, DropPath):
-                module.mode = mode_before
+                module.mode, module.batch_dim = mode_before, batch_dim_before
 
         self._undo.append(undo)
         return Outcome(SiteStatus.RE_RATED, rate, previous)
