@@ -136,12 +136,12 @@ def _reshape(out: tuple[int, ...], source: fx.Node) -> list[Link]:
     for i, size in enumerate(shape):
         if size == 1:
             continue
-        j = before.get(prod(shape[:i]))
-        if j is not None and out[j] == size:
-            links.append((j, source, i))
+        at = before.get(prod(shape[:i]))
+        if at is not None and out[at] == size:
+            links.append((at, source, i))
     for offset, dims in ones.items():
         if len(dims) == len(out_ones.get(offset, [])):
-            links += [(j, source, i) for i, j in zip(dims, out_ones[offset], strict=True)]
+            links += [(k, source, i) for i, k in zip(dims, out_ones[offset], strict=True)]
     return links
 
 
