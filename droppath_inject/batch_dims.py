@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import operator
 import re
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from math import prod
+from math import gcd
 
 from torch import fx
 
@@ -118,31 +119,6 @@ def _positional(
 ) -> list[Link]:
     shape = _shape(source) or ()
     return [(i, source, i) for i in range(min(len(out), len(shape))) if i not in skip]
-
-
-def _reshape(out: tuple[int, ...], source: fx.Node) -> list[Link]:
-    """The dimensions a reshape keeps whole: same size after the same number of elements."""
-    shape = _shape(source) or ()
-    links: list[Link] = []
-    ones: dict[int, list[int]] = {}
-    out_ones: dict[int, list[int]] = {}
-    for i, size in enumerate(shape):
-        if size == 1:
-            ones.setdefault(prod(shape[:i]), []).append(i)
-    for j, size in enumerate(out):
-        if size == 1:
-            out_ones.setdefault(prod(out[:j]), []).append(j)
-    before = {prod(out[:j]): j for j, size in enumerate(out) if size != 1}
-    for i, size in enumerate(shape):
-        if size == 1:
-            continue
-        at = before.get(prod(shape[:i]))
-        if at is not None and out[at] == size:
-            links.append((at, source, i))
-    for offset, dims in ones.items():
-        if len(dims) == len(out_ones.get(offset, [])):
-            links += [(k, source, i) for i, k in zip(dims, out_ones[offset], strict=True)]
-    return links
 
 
 def _getitem(node: fx.Node, out: tuple[int, ...]) -> list[Link]:
@@ -241,8 +217,11 @@ def _links(node: fx.Node, out: tuple[int, ...], item: int | None) -> tuple[list[
     if name in _LAYOUT:
         order = _permutation(node, name, ndim)
         return ([(i, first, d) for i, d in enumerate(order)] if order else []), []
-    if name in _VIEWS:
-        return _reshape(out, first), []
+    if name in _VIEWS:  # the factors are regrouped by ``_Layout.reshape``
+        other = _arg(node, 1, "other")
+        if name.endswith("_as") and isinstance(other, fx.Node):  # ``y.reshape_as(x)``: x's layout
+            return _positional(out, other), []
+        return [], []
     if name == "getitem" and node.op == "call_method":
         return _getitem(node, out), []
     if name == "linear":
@@ -253,6 +232,8 @@ def _links(node: fx.Node, out: tuple[int, ...], item: int | None) -> tuple[list[
         batched = ndim == int(conv.group(2)) + 2
         mixed = [(first, d) for d in range(1 if batched else 0, ndim)]
         return ([(0, first, 0)] if batched else []), mixed
+    if name in ("unfold", "fold") and node.op == "call_function":  # im2col and col2im
+        return [(0, first, 0)], [(first, d) for d in range(1, ndim)]
     if name == "conv_tbc":
         return [(1, first, 1)], [(first, 0), (first, 2)]
     if _POOL.search(name):
@@ -388,43 +369,121 @@ def _concat(node: fx.Node, out: tuple[int, ...], name: str) -> tuple[list[Link],
     return links, []
 
 
-class _Axes:
-    """Union-find over the axes (node, dimension) of a graph."""
+Atom = tuple[fx.Node, int, int]  # (node, dimension, factor): one factor of one dimension
+
+
+class _Layout:
+    """Each dimension of each tensor as a list of factors (atoms), linked by union-find.
+
+    A dimension is one atom until a reshape folds several into it (``(B, T, H)`` viewed as
+    ``(B*T, H)`` gives its first dimension the atoms of B and T); a later reshape that splits
+    it along the same boundaries gives them back, so the batch survives a fold and unfold
+    (Hiera's token unrolling, a window partition and its reverse). A dimension holds the batch
+    when it is exactly the batch's atom.
+    """
 
     def __init__(self) -> None:
-        self.parent: dict[Axis, Axis] = {}
+        self.parent: dict[Atom, Atom] = {}
+        self.size: dict[Atom, int] = {}
+        self.dims: dict[fx.Node, list[list[Atom]]] = {}
 
-    def find(self, axis: Axis) -> Axis:
-        parent = self.parent.setdefault(axis, axis)
-        while parent != axis:
+    def find(self, atom: Atom) -> Atom:
+        parent = self.parent.setdefault(atom, atom)
+        while parent != atom:
             grand = self.parent.setdefault(parent, parent)
-            self.parent[axis] = grand
-            axis, parent = parent, grand
-        return axis
+            self.parent[atom] = grand
+            atom, parent = parent, grand
+        return atom
 
-    def union(self, a: Axis, b: Axis) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[ra] = rb
+    def _fresh(self, node: fx.Node, dim: int, factor: int, size: int) -> Atom:
+        atom = (node, dim, factor)
+        self.size[atom] = size
+        return atom
+
+    def of(self, node: fx.Node) -> list[list[Atom]]:
+        dims = self.dims.get(node)
+        if dims is None:
+            dims = [[self._fresh(node, d, 0, s)] for d, s in enumerate(_shape(node) or ())]
+            self.dims[node] = dims
+        return dims
+
+    def link(
+        self, node: fx.Node, dim: int, operand: fx.Node, operand_dim: int, new: set[int]
+    ) -> None:
+        """Link a dimension of ``node`` to one of ``operand``: factor by factor; a dimension not
+        linked yet takes a folded operand dimension's factors."""
+        mine, theirs = self.of(node)[dim], self.of(operand)[operand_dim]
+        if dim in new and len(theirs) > 1:
+            self.dims[node][dim] = list(theirs)
+        elif len(mine) == len(theirs) and all(
+            self.size[a] == self.size[b] for a, b in zip(mine, theirs, strict=True)
+        ):
+            for a, b in zip(mine, theirs, strict=True):
+                ra, rb = self.find(a), self.find(b)
+                if ra != rb:
+                    self.parent[ra] = rb
+        new.discard(dim)
+
+    def reshape(self, node: fx.Node, source: fx.Node) -> None:
+        """Regroup ``source``'s factors, in row-major order, into ``node``'s dimensions; a
+        factor cut by a new boundary becomes new factors."""
+        stream = deque((a, self.size[a]) for dim in self.of(source) for a in dim)
+        dims: list[list[Atom]] = []
+        for j, size in enumerate(_shape(node) or ()):
+            taken: list[Atom] = []
+            need, factor = size, 0
+            if size == 1:
+                one = stream[0][1] == 1 if stream else False
+                dims.append([stream.popleft()[0] if one else self._fresh(node, j, 0, 1)])
+                continue
+            while need > 1:
+                if stream and stream[0][1] == 1:
+                    stream.popleft()
+                    continue
+                part = gcd(need, stream[0][1]) if stream else 1
+                if part == 1:  # nothing left that fits: the rest is new
+                    taken.append(self._fresh(node, j, factor, need))
+                    break
+                atom, atom_size = stream.popleft()
+                if part != atom_size:  # cut: both parts are new factors
+                    atom = self._fresh(node, j, factor, part)
+                    stream.appendleft((self._fresh(node, -1 - j, factor, atom_size // part),
+                                       atom_size // part))  # fmt: skip
+                taken.append(atom)
+                need //= part
+                factor += 1
+            dims.append(taken)
+        self.dims[node] = dims
+
+    def mix(self, node: fx.Node, dim: int) -> list[Atom]:
+        """The atom an op mixes along ``dim``; none for a folded dimension, where mixing says
+        nothing about which of its factors is the batch (a router counting tokens per expert
+        over ``(B*T, E)``)."""
+        atom = self.single(node, dim)
+        return [] if atom is None else [atom]
+
+    def single(self, node: fx.Node, dim: int) -> Atom | None:
+        atoms = self.of(node)[dim]
+        return self.find(atoms[0]) if len(atoms) == 1 else None
 
 
-def _input_batch(graph: fx.Graph, axes: _Axes, mixed: set[Axis]) -> Axis | None:
-    """The class of the first used input's dimension that no op mixes: dimension 0 if it is
+def _input_batch(graph: fx.Graph, layout: _Layout, mixed: set[Atom]) -> Atom | None:
+    """The atom of the first used input's dimension that no op mixes: dimension 0 if it is
     never mixed, else the only such dimension; None if there is none or the choice is open."""
     for node in graph.nodes:
         shape = _shape(node) if node.op == "placeholder" and node.users else None
         if not shape:
             continue
-        free = [d for d in range(len(shape)) if axes.find((node, d)) not in mixed]
+        free = [d for d in range(len(shape)) if layout.single(node, d) not in mixed]
         if free and (free[0] == 0 or len(free) == 1):
-            return axes.find((node, free[0]))
+            return layout.single(node, free[0])
         return None
     return None
 
 
 def record_batch_dims(graph: fx.Graph) -> None:
     """Set ``node.meta["batch_dim"]`` (a ``BatchDim``) on every tensor node of ``graph``."""
-    axes = _Axes()
+    layout = _Layout()
     mixed_axes: list[Axis] = []
     for node in graph.nodes:
         out = _shape(node)
@@ -435,16 +494,22 @@ def record_batch_dims(graph: fx.Graph) -> None:
         if node.target is operator.getitem and node.args and isinstance(node.args[0], fx.Node):
             source, index = node.args[0], node.args[1]
             item = index if isinstance(index, int) else None
+        first = source.args[0] if source.args else None
+        if _name(source) in _VIEWS and isinstance(first, fx.Node) and _shape(first) is not None:
+            layout.reshape(node, first)
         links, mixed = _links(source, out, item)
+        new = set(range(len(out)))
         for dim, operand, operand_dim in links:
-            if 0 <= dim < len(out):
-                axes.union((node, dim), (operand, operand_dim))
+            if 0 <= dim < len(out) and 0 <= operand_dim < len(_shape(operand) or ()):
+                layout.link(node, dim, operand, operand_dim, new)
         mixed_axes += mixed
-    mixed_roots = {axes.find(axis) for axis in mixed_axes}
-    batch = _input_batch(graph, axes, mixed_roots)
+    mixed_atoms = {atom for node, dim in mixed_axes for atom in layout.mix(node, dim)}
+    batch = _input_batch(graph, layout, mixed_atoms)
     for node in graph.nodes:
         shape = _shape(node)
         if shape is None:
             continue
-        dims = [d for d in range(len(shape)) if batch is not None and axes.find((node, d)) == batch]
+        dims = [
+            d for d in range(len(shape)) if batch is not None and layout.single(node, d) == batch
+        ]
         node.meta[BATCH_DIM] = BatchDim(dims[0] if len(dims) == 1 else None)

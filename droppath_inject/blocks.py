@@ -3,19 +3,21 @@
 The adds of one layer share a rate (a transformer layer's attention and MLP residuals), and
 rates rise with depth. A layer is the repeated unit of the model's *layer stack*: an element
 of a container (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) whose elements that
-hold residual adds are all of one class (``blocks.3`` in timm, ``encoder.layer.3`` in Hugging
-Face, ``stages.0.blocks.1`` in a staged network). A container whose residual-bearing elements
-differ in class is not a stack but the sublayers of one layer: Hugging Face T5 keeps
-``[self-attention, cross-attention, feed-forward]`` in ``T5Block.layer``, and the layer is
-``decoder.block.3``. Of the stacks holding the add's owner and its branch, the innermost gives
-the layer (a stage of blocks is a stack of stacks); where no container is a stack, the
-innermost container element is. When the owner itself loops over a container
-(``for attn, ff in self.layers: x = attn(x) + x; x = ff(x) + x``), the element the branch comes
-from is the layer, so each iteration is a block. Without containers, the owner's call is one.
+hold residual adds are repeats of one unit (``blocks.3`` in timm, ``encoder.layer.3`` in
+Hugging Face, ``stages.0.blocks.1`` in a staged network). A container whose residual-bearing
+elements differ in class and hold one add each is not a stack but the sublayers of one layer:
+Hugging Face T5 keeps ``[self-attention, cross-attention, feed-forward]`` in
+``T5Block.layer``, and the layer is ``decoder.block.3``. Of the stacks holding the add's owner
+and its branch, the innermost gives the layer (a stage of blocks is a stack of stacks); where
+no container is a stack, the innermost container element is. When the owner itself loops over
+a container (``for attn, ff in self.layers: x = attn(x) + x; x = ff(x) + x``), the element the
+branch comes from is the layer, so each iteration is a block. Without containers, the owner's
+call is one.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from torch import nn
@@ -56,15 +58,27 @@ def _common(owner: str, branch_module: str) -> str:
 
 
 class LayerStacks:
-    """Which containers of a model are layer stacks, read from the adds' owners."""
+    """Which containers of a model are layer stacks, read from the adds' owners.
+
+    A container is a stack unless it is a list of sublayers: elements of different classes,
+    each holding a single residual add (T5's ``[self-attention, cross-attention,
+    feed-forward]``). Elements of different classes that hold more (EdgeNeXt's convolution and
+    transposed-attention blocks in one stage, a hybrid model's Mamba and attention layers) are
+    layers of one stack.
+    """
 
     def __init__(self, owners: Iterable[str], modules: dict[str, nn.Module]) -> None:
         self.modules = modules
-        classes: dict[str, set[type]] = {}
-        for owner in set(owners):
-            for element in _container_elements(owner, modules):
-                classes.setdefault(_parent(element), set()).add(type(modules[element]))
-        self.stacks = frozenset(c for c, kinds in classes.items() if len(kinds) == 1)
+        adds: Counter[str] = Counter()
+        for owner in owners:
+            adds.update(_container_elements(owner, modules))
+        kinds: dict[str, set[type]] = {}
+        single: dict[str, bool] = {}
+        for element, count in adds.items():
+            container = _parent(element)
+            kinds.setdefault(container, set()).add(type(modules[element]))
+            single[container] = single.get(container, True) and count == 1
+        self.stacks = frozenset(c for c, k in kinds.items() if len(k) == 1 or not single[c])
 
     def layer_of(self, owner: str, branch_module: str = "") -> str | None:
         """The layer's module: the innermost element of a stack holding ``owner`` and the

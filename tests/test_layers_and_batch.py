@@ -37,9 +37,7 @@ def _masks(model: nn.Module, run: Any, steps: int = 2) -> list[tuple[Tensor, Ten
         x = args[0].detach()
         seen.append((x, out.detach() / x))
 
-    handles = [
-        m.register_forward_hook(record) for m in model.modules() if isinstance(m, DropPath)
-    ]
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, DropPath)]
     model.train()
     torch.manual_seed(3)
     try:
@@ -231,9 +229,7 @@ def test_t5_one_layer_one_rate_encoder_then_decoder(decoder_layers: int) -> None
     (``num_layers + num_decoder_layers``, main gave one per sublayer: 10 for 2 + 2), encoder
     layers first, every sublayer's residual at its layer's rate."""
     model = _t5(decoder_layers)
-    _, report = inject_droppath(
-        model, 0.3, example_inputs=_seq2seq_inputs(), return_report=True
-    )
+    _, report = inject_droppath(model, 0.3, example_inputs=_seq2seq_inputs(), return_report=True)
     config = model.config
     stacks = [("encoder", model.encoder.block), ("decoder", model.decoder.block)]
     layers = [(f"{name}.block.{i}", block) for name, blocks in stacks for i, block in
