@@ -61,16 +61,19 @@ class LayerStacks:
     """Which containers of a model are layer stacks, read from the adds' owners.
 
     A container is a stack unless it is a list of sublayers: elements of different classes,
-    each holding a single residual add (T5's ``[self-attention, cross-attention,
-    feed-forward]``). Elements of different classes that hold more (EdgeNeXt's convolution and
-    transposed-attention blocks in one stage, a hybrid model's Mamba and attention layers) are
-    layers of one stack.
+    each holding a single residual add, in a module with no add of its own (T5's
+    ``[self-attention, cross-attention, feed-forward]``; residual blocks in the branch of an
+    outer residual are nested layers, not sublayers). Elements of different classes that hold
+    more (EdgeNeXt's convolution and transposed-attention blocks in one stage, a hybrid model's
+    Mamba and attention layers) are layers of one stack.
     """
 
     def __init__(self, owners: Iterable[str], modules: dict[str, nn.Module]) -> None:
         self.modules = modules
         adds: Counter[str] = Counter()
+        owning = set()
         for owner in owners:
+            owning.add(owner)
             adds.update(_container_elements(owner, modules))
         kinds: dict[str, set[type]] = {}
         single: dict[str, bool] = {}
@@ -78,7 +81,11 @@ class LayerStacks:
             container = _parent(element)
             kinds.setdefault(container, set()).add(type(modules[element]))
             single[container] = single.get(container, True) and count == 1
-        self.stacks = frozenset(c for c, k in kinds.items() if len(k) == 1 or not single[c])
+        self.stacks = frozenset(
+            c
+            for c, k in kinds.items()
+            if len(k) == 1 or not single[c] or _parent(c) in owning  # nested in a residual
+        )
 
     def layer_of(self, owner: str, branch_module: str = "") -> str | None:
         """The layer's module: the innermost element of a stack holding ``owner`` and the
