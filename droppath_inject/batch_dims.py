@@ -194,6 +194,10 @@ _ALONG_DIM = frozenset(
     {"softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "sort",
      "argsort", "topk", "kthvalue", "normalize", "glu"}
 )  # fmt: skip
+# a statistic (a sum, a mean, a sort) is taken over the batch as readily as over a sequence
+# (batch centring, BatchNorm-style code): only these, besides weights and attention, say that a
+# dimension is not the batch
+_MIXING_ALONG_DIM = frozenset({"softmax", "log_softmax", "normalize", "glu"})
 _MATMULS = frozenset({"matmul", "mm", "bmm"})
 _CONV = re.compile(r"^conv(_transpose)?([123])d$")
 _POOL = re.compile(r"(pool|interpolate|upsample|pixel_(un)?shuffle)")
@@ -248,7 +252,8 @@ def _links(node: fx.Node, out: tuple[int, ...], item: int | None) -> tuple[list[
     if name in _ALONG_DIM:
         default = 1 if name == "normalize" else -1
         dims = _dims(_arg(node, 1 if name != "normalize" else 2, "dim", default), ndim) or []
-        return _positional(out, first), [(first, d) for d in dims]
+        mixing = name in _MIXING_ALONG_DIM
+        return _positional(out, first), [(first, d) for d in dims] if mixing else []
     if name in _REDUCTIONS and not isinstance(_arg(node, 1, "other"), fx.Node):
         return _reduction(node, out, name, first, ndim)
     if name == "scaled_dot_product_attention":
@@ -292,12 +297,11 @@ def _reduction(
 ) -> tuple[list[Link], list[Axis]]:
     dims = _dims(_arg(node, 2 if name == "norm" else 1, "dim"), ndim)
     if dims is None or len(dims) == ndim:
-        return [], []  # a statistic of the whole tensor (a check, a loss) tells no dimension
-    mixed = [(first, d) for d in dims]
+        return [], []
     if len(out) == ndim:  # keepdim
-        return _positional(out, first, frozenset(dims)), mixed
+        return _positional(out, first, frozenset(dims)), []
     kept = [d for d in range(ndim) if d not in dims]
-    return [(i, first, d) for i, d in enumerate(kept) if i < len(out)], mixed
+    return [(i, first, d) for i, d in enumerate(kept) if i < len(out)], []
 
 
 def _matmul(node: fx.Node, out: tuple[int, ...], name: str) -> tuple[list[Link], list[Axis]]:
