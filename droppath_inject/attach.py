@@ -204,7 +204,8 @@ class _Planner:
             return NoAttachment(
                 "the batch dimension of the branch is not known where a DropPath could go "
                 f"({', '.join(dict.fromkeys(unknown_batch))} returns it folded into another "
-                "dimension or not at all): a per-sample decision there would not be per sample",
+                "dimension or not at all): a per-sample decision there would not be per sample; "
+                "if the example input holds no batch, pass one that does",
                 named,
             )
         if holder is None:

@@ -271,8 +271,11 @@ def _links(node: fx.Node, out: tuple[int, ...], item: int | None) -> tuple[list[
         return links, mixed
     if name in ("multi_head_attention_forward", "native_multi_head_attention"):
         sequence = 0 if name == "multi_head_attention_forward" else 1
+        operands = [o for o in node.args[:3] if isinstance(o, fx.Node)]
+        if ndim == 2 and item in (None, 0):  # one unbatched sequence: (T, C)
+            return [], [(o, 0) for o in operands] + [(first, 1)]
         if item not in (None, 0) or ndim != 3:
-            return [], []  # the attention weights, or an unbatched call
+            return [], []  # the attention weights
         operands = [o for o in node.args[:3] if isinstance(o, fx.Node)]
         mixed = [(o, sequence) for o in operands] + [(first, 2)]
         return [(1 - sequence, first, 1 - sequence)], mixed

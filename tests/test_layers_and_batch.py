@@ -311,3 +311,16 @@ def test_skip_compute_warns_when_layers_mask() -> None:
     with pytest.warns(DropPathWarning, match=f"{layers} of {layers} blocks") as caught:
         inject_droppath(model, 0.2, example_inputs=ids, granularity="block", skip_compute=True)
     assert sum(issubclass(w.category, DropPathWarning) for w in caught) == 1
+
+
+def test_an_unbatched_input_draws_no_decision() -> None:
+    """Without an example input, ``nn.TransformerEncoder`` gets a 2-d input inferred from its
+    first linear layer, which torch's attention reads as one unbatched ``(L, E)`` sequence: main
+    drew one decision per token. No dimension holds samples, so every site is skipped, with the
+    reason, in one DropPathWarning."""
+    model = _encoder(batch_first=False)
+    with pytest.warns(DropPathWarning, match="batch") as caught:
+        _, report = inject_droppath(model, 0.5, return_report=True)
+    assert sum(issubclass(w.category, DropPathWarning) for w in caught) == 1
+    assert report.sites and all(s.status is SiteStatus.SKIPPED for s in report.sites)
+    assert not any(isinstance(m, DropPath) for m in model.modules())
