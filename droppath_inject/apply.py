@@ -112,13 +112,14 @@ class Attacher:
             return self._done[attachment.module]
         parts = (attachment, *attachment.parts)
         if attachment.kind is AttachKind.EXISTING:
-            outcome = self._existing(attachment.module, rate, place)
+            outcome = self._existing(attachment, rate, place)
             for part in attachment.parts:  # this package's DropPaths of a parallel sum
-                self._existing(part.module, rate, place)
+                self._existing(part, rate, place)
         else:
             drop = self._new_drop(rate, place)
             drops = [drop] if not attachment.parts else self._shared(attachment, drop, rate)
             for part, each in zip(parts, drops, strict=True):
+                each.batch_dim = part.batch_dim
                 self._place(part, each, place)
             outcome = Outcome(SiteStatus.INJECTED, rate)
         for part in parts:
@@ -136,7 +137,7 @@ class Attacher:
         if isinstance(drop, BlockDropPath):
             gate: LayerGate = drop.gate
         else:
-            gate = SumGate(self.mode)
+            gate = SumGate(self.mode, batch_dim=attachment.batch_dim)
             owner = self.model.get_submodule(attachment.holder)
             handle = owner.register_forward_pre_hook(gate, with_kwargs=True)
             self._undo.append(handle.remove)
@@ -176,9 +177,9 @@ class Attacher:
 
         self._undo.append(undo)
 
-    def _existing(self, path: str, rate: float, place: tuple[int, int]) -> Outcome:
+    def _existing(self, attachment: Attachment, rate: float, place: tuple[int, int]) -> Outcome:
         """Re-rate a drop path on the branch: ours always, another library's unless kept."""
-        module = self.model.get_submodule(path)
+        module = self.model.get_submodule(attachment.module)
         previous = drop_path_rate_of(module)
         earlier = placement_of(module)
         ours = (
@@ -190,10 +191,11 @@ class Attacher:
             assert earlier is not None and isinstance(module, DropPath)
             placement = Placement(*place, earlier.kind, slot=earlier.slot)
             mode_before, module.mode = module.mode, self.mode
+            batch_dim_before, module.batch_dim = module.batch_dim, attachment.batch_dim
         else:
             original = previous if earlier is None else earlier.original_rate
             placement = Placement(*place, AttachKind.EXISTING, original)
-            mode_before = None
+            mode_before, batch_dim_before = None, 0
         set_drop_path_rate(module, rate)
         _set_placement(module, placement)
 
@@ -201,7 +203,7 @@ class Attacher:
             set_drop_path_rate(module, previous)
             _set_placement(module, earlier)
             if mode_before is not None and isinstance(module, DropPath):
-                module.mode = mode_before
+                module.mode, module.batch_dim = mode_before, batch_dim_before
 
         self._undo.append(undo)
         return Outcome(SiteStatus.RE_RATED, rate, previous)

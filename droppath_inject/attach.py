@@ -26,6 +26,7 @@ from enum import Enum
 
 from torch import fx, nn
 
+from .batch_dims import batch_dim_of, first_input_batch_dims
 from .blocks import CONTAINERS
 from .capture import CapturedRun, ModuleOutput
 from .droppaths import is_drop_path_module, is_drop_path_slot
@@ -47,6 +48,7 @@ _VIEW_FUNCTION_NAMES = frozenset(
      "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
 )  # fmt: skip
 _TRANSPOSES = frozenset({"transpose", "swapaxes", "swapdims", "transpose_"})
+_MOVES = frozenset({"permute", "movedim", "moveaxis", "t", "mT", "__getitem__"})
 
 
 class AttachKind(Enum):
@@ -65,9 +67,10 @@ class Attachment:
     ``module`` is the hooked module, the slot, or the existing drop path; ``leaf`` is which
     tensor of the hooked module's output is the branch (None: the output itself); ``holder`` is
     the module that will own a hooked DropPath (the block owning the add, or its nearest
-    ancestor that is not a container). A branch that is a sum of parallel paths (attention and
-    MLP of a parallel block) is attached on each term: ``parts`` are the other terms'
-    attachments, whose DropPaths follow one decision with this one's.
+    ancestor that is not a container); ``batch_dim`` is where that output holds the samples. A
+    branch that is a sum of parallel paths (attention and MLP of a parallel block) is attached
+    on each term: ``parts`` are the other terms' attachments, whose DropPaths follow one
+    decision with this one's.
     """
 
     kind: AttachKind
@@ -75,6 +78,7 @@ class Attachment:
     leaf: int | None = None
     holder: str = ""
     computed_by: str = ""
+    batch_dim: int = 0  # the dimension of the module's output (leaf) that holds the samples
     parts: tuple[Attachment, ...] = ()
 
     @property
@@ -91,40 +95,21 @@ class NoAttachment:
     computed_by: str = ""
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None else None
-
-
 def _keeps_batch_dim(node: fx.Node, source: fx.Node) -> bool:
-    """``node`` keeps ``source``'s first dimension as its first (so a per-sample mask commutes)."""
-    out, into = _shape(node), _shape(source)
-    if not out or not into or out[0] != into[0]:
-        return False
-    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
-    ndim = len(into)
-    dims = [a for a in node.args[1:] if isinstance(a, int)]
-    if name == "permute":
-        order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], tuple) else dims
-        return bool(order) and order[0] % ndim == 0
-    if name in _TRANSPOSES:
-        return all(d % ndim != 0 for d in dims)
-    if name == "__getitem__":
-        index = node.args[1] if len(node.args) > 1 else None
-        first = index[0] if isinstance(index, tuple) and index else index
-        return first == slice(None) or first is Ellipsis and len(out) == ndim
-    return name not in ("t", "T", "mT", "movedim", "moveaxis")
+    """Both values hold the batch in a known dimension (``batch_dims``), so a per-sample scale
+    of ``source`` is a per-sample scale of ``node`` (a view, a transpose, a scale)."""
+    return batch_dim_of(node) is not None and batch_dim_of(source) is not None
 
 
 def _commuting_input(node: fx.Node, region: set[fx.Node]) -> fx.Node | None:
     """The branch input of an op that commutes with a per-sample scale, or None."""
     if node.op == "call_method":
         name = str(node.target)
-        ok = name in _VIEW_METHODS or name in _TRANSPOSES or name in ("permute", "__getitem__")
+        ok = name in _VIEW_METHODS or name in _TRANSPOSES or name in _MOVES
         scale = name in _SCALE_METHODS
     elif node.op == "call_function":
         name = getattr(node.target, "__name__", "")
-        ok = name in _VIEW_FUNCTION_NAMES or name in ("permute", "transpose")
+        ok = name in _VIEW_FUNCTION_NAMES or name in _TRANSPOSES or name in _MOVES
         scale = name in _SCALE_FUNCTION_NAMES
     else:
         return None
@@ -168,6 +153,7 @@ class _Planner:
         self.run = run
         self.data = data_derived(run.graph)
         self.inside = run.nodes_in_call()
+        self.input_batch_dims = first_input_batch_dims(run.graph)
 
     def _within(self, output: ModuleOutput, region: set[fx.Node]) -> bool:
         """Every data value the call computed and something reads lies in the branch region
@@ -197,9 +183,17 @@ class _Planner:
         tail = branch_tail(site)
         named = self.computed_by(tail, region)
         holder = self._holder(site.owner)
-        found = self._options(tail, region, holder, named)
+        found, unknown_batch = self._options(tail, region, holder, named)
         if found:
             return found
+        if unknown_batch:
+            return NoAttachment(
+                "the batch dimension of the branch is not known where a DropPath could go "
+                f"({', '.join(dict.fromkeys(unknown_batch))} returns it folded into another "
+                "dimension or not at all): a per-sample decision there would not be per sample; "
+                "if the example input holds no batch, pass one that does",
+                named,
+            )
         if holder is None:
             return NoAttachment(
                 f"no module to hold a DropPath: {site.owner or 'the model'} is a container", named
@@ -214,26 +208,37 @@ class _Planner:
 
     def _options(
         self, tail: list[fx.Node], region: set[fx.Node], holder: str | None, named: str
-    ) -> list[Attachment]:
+    ) -> tuple[list[Attachment], list[str]]:
+        """The attachments along ``tail``, best first, and the modules passed by because the
+        batch dimension of their output is not known."""
         existing: list[Attachment] = []
         slots: list[Attachment] = []
         hooks: list[Attachment] = []
+        unknown_batch: list[str] = []
         for node in tail:
+            batch_dim = batch_dim_of(node)
             for output in reversed(node.meta.get("module_outputs", [])):  # outermost first
                 path = output.call.path
                 if not path or not self._within(output, region):
                     continue
+                if batch_dim is None:
+                    unknown_batch.append(path)
+                    continue
                 module = self.run.modules[path]
                 if is_drop_path_slot(module, path):
-                    slots.append(Attachment(AttachKind.SLOT, path, computed_by=named))
+                    slots.append(Attachment(AttachKind.SLOT, path, None, "", named, batch_dim))
                 elif is_drop_path_module(module, path):
-                    existing.append(Attachment(AttachKind.EXISTING, path, computed_by=named))
+                    existing.append(
+                        Attachment(AttachKind.EXISTING, path, None, "", named, batch_dim)
+                    )
                 elif holder is not None:
                     hooks.append(
-                        Attachment(AttachKind.FORWARD_HOOK, path, output.leaf, holder, named)
+                        Attachment(
+                            AttachKind.FORWARD_HOOK, path, output.leaf, holder, named, batch_dim
+                        )
                     )
         hooks.sort(key=lambda a: self.run.call_counts[a.module] > 1)
-        return existing + slots + hooks
+        return existing + slots + hooks, unknown_batch
 
     def _terms(self, site: ResidualSite, node: fx.Node) -> list[list[fx.Node]]:
         """The tails of the terms of a parallel sum, nested parallel sums expanded."""
@@ -252,10 +257,11 @@ class _Planner:
         """One attachment per term of the parallel sum ``node``: a slot, a hook, or a DropPath
         of this package already there, each module called once first. A drop path of another
         library cannot share the decision: where every term has one (timm's parallel blocks),
-        they are re-rated and keep their own decisions; elsewhere they are passed by."""
+        they are re-rated and keep their own decisions; elsewhere they are passed by. The terms
+        must hold the samples in one dimension, since one decision covers them all."""
         region = set(site.branch_region)
         tails = self._terms(site, node)
-        options = [self._options(tail, region, holder, named) for tail in tails]
+        options = [self._options(tail, region, holder, named)[0] for tail in tails]
         foreign = [
             bool(o) and o[0].kind is AttachKind.EXISTING and not self._ours(o[0]) for o in options
         ]
@@ -267,10 +273,23 @@ class _Planner:
             if not option:
                 return NoAttachment(
                     "the branch is a sum of parallel paths, and one of them is not the output "
-                    f"of a module call (it is computed by {_op_name(tail[-1])})",
+                    f"of a module call with a known batch dimension (it is computed by "
+                    f"{_op_name(tail[-1])})",
                     named,
                 )
             chosen.append(replace(option[0], holder=holder))
+        if len({a.batch_dim for a in chosen}) > 1:
+            return NoAttachment(
+                "the branch is a sum of parallel paths that hold the samples in different "
+                "dimensions: one decision cannot cover them",
+                named,
+            )
+        if self.input_batch_dims.get(holder) != chosen[0].batch_dim:
+            return NoAttachment(
+                f"the shared decision of a parallel sum is drawn from {holder}'s first argument, "
+                "which does not hold the samples where the sum's terms do",
+                named,
+            )
         first, *rest = chosen
         return [replace(first, parts=tuple(rest))]
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import DropPathInjectError
 from .internals import tree_leaves
 from .layers import DropPath, Mode
 
@@ -40,8 +41,11 @@ class LayerGate:
     ``members`` are the block's DropPaths, whose common rate the gate draws at.
     """
 
-    def __init__(self, mode: Mode, skip_compute: bool = False) -> None:
+    batch_dim: int = 0  # the dimension of the block's first tensor argument holding the samples
+
+    def __init__(self, mode: Mode, skip_compute: bool = False, batch_dim: int = 0) -> None:
         self.mode = mode
+        self.batch_dim = batch_dim
         self.skip_compute = skip_compute  # how the injection that made it was asked to run
         self.members: list[BlockDropPath] = []
         self.scale: Tensor | None = None
@@ -55,10 +59,10 @@ class LayerGate:
         return module.training and self.drop_prob > 0.0
 
     def draw(self, reference: Tensor) -> None:
-        """Draw a new decision for a batch like ``reference`` (its first dimension, device)."""
+        """Draw a new decision for a batch like ``reference`` (its ``batch_dim``, device)."""
         keep = 1.0 - self.drop_prob
         if self.mode == "row":
-            uniform = torch.rand(reference.shape[0], device=reference.device)
+            uniform = torch.rand(reference.shape[self.batch_dim], device=reference.device)
         else:
             uniform = torch.rand(1)  # on the CPU: skipping can read it without a device sync
         scale = (uniform < keep).float()
@@ -101,12 +105,14 @@ class BlockDropPath(DropPath):
         scale = self.gate.scale
         if not self.training or self.drop_prob == 0.0 or scale is None:
             return x
-        if scale.shape[0] not in (1, x.shape[0]):
-            raise RuntimeError(
+        if scale.shape[0] not in (1, x.shape[self.batch_dim]):
+            raise DropPathInjectError(
                 f"a block's keep decision covers {scale.shape[0]} samples but its branch holds "
-                f"{x.shape[0]}: the block was called with a different batch than its branches"
+                f"{x.shape[self.batch_dim]} along dimension {self.batch_dim}: the block was "
+                "called with a different batch than the example input showed"
             )
-        shape = (scale.shape[0],) + (1,) * (x.ndim - 1)
+        shape = [1] * x.ndim
+        shape[self.batch_dim] = scale.shape[0]
         return x * scale.to(device=x.device, dtype=x.dtype).view(shape)
 
     def extra_repr(self) -> str:

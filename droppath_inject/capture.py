@@ -11,7 +11,9 @@ and global module hooks record which module call each op happens in. The result 
 - ``meta["module_outputs"]``: the ``ModuleOutput`` entries of module calls that returned
   this node's tensor, innermost first (a ``nn.Identity`` returns its input's node);
 - ``meta["module_first_inputs"]``: the ``ModuleCall`` entries whose first positional argument
-  was this node's tensor.
+  was this node's tensor;
+- ``meta["batch_dim"]``: a ``BatchDim``, the dimension holding the input's batch
+  (``batch_dims.py``).
 
 Shape unpacking, ``len()``, einops, ``**kwargs``, ``None`` arguments and value-dependent
 branches all simply run; the graph holds the path the example took.
@@ -44,6 +46,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 
+from .batch_dims import record_batch_dims
 from .internals import call_tracked, tree_leaves
 
 _SIMPLE_ARGUMENTS = (
@@ -289,4 +292,5 @@ def capture(model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]]) ->
         outputs = model(*args, **kwargs)
     returned = [recorder.node_of(t) for t in tree_leaves(outputs) if isinstance(t, Tensor)]
     recorder.graph.output(tuple(returned))
+    record_batch_dims(recorder.graph)
     return CapturedRun(recorder.graph, outputs, recorder.modules, recorder.call_counts)

@@ -18,8 +18,9 @@ from torch import Tensor, fx, nn
 
 from .apply import Attacher
 from .attach import AttachKind, Attachment
+from .batch_dims import first_input_batch_dims
 from .block_gate import BlockDropPath, LayerGate, SumGate
-from .blocks import CONTAINERS, enclosing_layer
+from .blocks import CONTAINERS
 from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropReport
 from .inputs import ExampleInputs, run_eval
 from .internals import BATCH_NORM_BASE, forward_pre_hooks, remove_forward_pre_hooks
@@ -27,17 +28,15 @@ from .layer_skip import LayerSkip, install, uninstall
 from .layers import DropPath, Mode
 from .plan import Plan, PlannedSite
 from .provenance import Provenance
-from .residuals import ResidualSite
 
 
-def _layer_module(site: ResidualSite, modules: dict[str, nn.Module]) -> str | None:
-    """The module whose call is the site's block: the container element at or above the add's
-    owner (as ``blocks.block_key`` groups), else the owner itself; None when the owner loops
-    over a container itself (its iterations are blocks with no module of their own)."""
-    owner = site.owner
-    layer = enclosing_layer(owner, modules)
-    if layer is not None:
-        return layer
+def _layer_module(planned: PlannedSite, modules: dict[str, nn.Module]) -> str | None:
+    """The module whose call is the site's block: its layer (as ``blocks`` groups), else the
+    owner itself; None when the owner loops over a container itself (its iterations are blocks
+    with no module of their own)."""
+    if planned.layer is not None:
+        return planned.layer
+    owner = planned.site.owner
     return None if any(isinstance(m, CONTAINERS) for m in modules[owner].children()) else owner
 
 
@@ -50,6 +49,7 @@ class _Block:
     reason: str = ""
     batch_norms: bool = False
     shared: frozenset[int | str] = frozenset()  # arguments holding the model's state
+    batch_dim: int | None = 0  # where the block's first argument holds the samples
 
 
 def _shared_arguments(
@@ -77,6 +77,11 @@ def _refuse_sharing(block: _Block, plan: Plan) -> str:
         return "the block is an iteration of its owner's loop, not a module call of its own"
     if plan.run.call_counts[block.module] != 1:
         return f"{block.module} runs {plan.run.call_counts[block.module]} times per forward"
+    if block.batch_dim is None:
+        return (
+            f"the batch dimension of {block.module}'s first argument is not known, so one "
+            "decision per sample cannot be drawn for the block"
+        )
     for planned in block.sites:
         attachment = planned.attachment
         if not isinstance(attachment, Attachment):
@@ -117,8 +122,14 @@ def _returning_other_tensors(plan: Plan) -> set[str]:
 
 
 def _refuse_skipping(block: _Block, order: dict[fx.Node, int], returning_others: set[str]) -> str:
-    """Why the graph does not prove ``output == input + branches`` along an identity chain."""
+    """Why the graph does not prove ``output == input + branches`` along an identity chain, or
+    why its rows cannot be gathered (skipping gathers the samples of dimension 0)."""
     assert block.module is not None
+    if block.batch_dim != 0:
+        return (
+            f"the block's input holds the samples in dimension {block.batch_dim}, and skipping "
+            "runs the kept samples of dimension 0"
+        )
     sites = sorted((p.site for p in block.sites), key=lambda s: order[s.add])
     first = _unaliased(sites[0].skip).meta.get("module_first_inputs", [])
     if not any(call.path == block.module for call in first):
@@ -156,11 +167,15 @@ class BlockDrops:
         self.gather_batch_norm = gather_bn
         self.blocks: dict[int, _Block] = {}
         for planned in plan.sites:
-            module = _layer_module(planned.site, plan.run.modules)
+            module = _layer_module(planned, plan.run.modules)
             block = self.blocks.setdefault(planned.block_index, _Block(planned.block_index, module))
             if block.module != module:
                 block.module = None
             block.sites.append(planned)
+        batch_dims = first_input_batch_dims(plan.run.graph)
+        for block in self.blocks.values():
+            if block.module is not None:
+                block.batch_dim = batch_dims.get(block.module)
         order = {node: i for i, node in enumerate(plan.run.graph.nodes)}
         returning_others = _returning_other_tensors(plan) if skip_compute else set()
         for block in self.blocks.values():
@@ -196,7 +211,7 @@ class BlockDrops:
     def _gate(self, attacher: Attacher, block: _Block) -> LayerGate:
         assert block.module is not None
         module = self.model.get_submodule(block.module)
-        gate = LayerGate(self.mode, self.skip_compute)
+        gate = LayerGate(self.mode, self.skip_compute, block.batch_dim or 0)
         handle = module.register_forward_pre_hook(gate, with_kwargs=True)
         if block.handling is BlockHandling.SKIPPED:
             install(module, gate, block.batch_norms, self.gather_batch_norm, block.shared)

@@ -30,13 +30,17 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def _mask_shape(x: Tensor, mode: str) -> tuple[int, ...]:
-    """Shape of the keep mask: ``(B, 1, ..., 1)`` per sample, or all ones for the whole batch."""
+def _mask_shape(x: Tensor, mode: str, batch_dim: int = 0) -> tuple[int, ...]:
+    """Shape of the keep mask: the batch size at ``batch_dim`` and ones elsewhere per sample
+    (``(B, 1, ..., 1)`` batch first), or all ones for the whole batch."""
     if x.ndim == 0:
         raise ValueError("drop_path needs an input with a batch dimension, got a 0-d tensor")
+    if not -x.ndim <= batch_dim < x.ndim:
+        raise ValueError(f"batch_dim {batch_dim} is not a dimension of a {x.ndim}-d input")
+    shape = [1] * x.ndim
     if mode == "row":
-        return (x.shape[0],) + (1,) * (x.ndim - 1)
-    return (1,) * x.ndim
+        shape[batch_dim] = x.shape[batch_dim]
+    return tuple(shape)
 
 
 def drop_path(
@@ -45,15 +49,17 @@ def drop_path(
     training: bool,
     mode: Mode = "row",
     scale_by_keep: bool = True,
+    batch_dim: int = 0,
 ) -> Tensor:
     """Zero ``x`` per sample (or per batch) with probability ``drop_prob`` while training.
 
     Args:
-        x: the residual branch's output, batch first.
+        x: the residual branch's output.
         drop_prob: the probability of dropping, in [0, 1].
         training: whether to drop at all (pass the module's ``self.training``).
         mode: ``"row"``, one decision per sample, or ``"batch"``, one for the whole batch.
         scale_by_keep: scale kept values by ``1 / (1 - drop_prob)``.
+        batch_dim: the dimension of ``x`` holding the samples (1 for ``(T, B, C)``).
 
     Returns:
         ``x`` itself in eval mode or at rate 0. At rate 1, exact zeros that stay connected to
@@ -61,7 +67,8 @@ def drop_path(
         never sees an unused parameter.
 
     Raises:
-        ValueError: ``drop_prob`` outside [0, 1], an unknown ``mode``, or a 0-d ``x``.
+        ValueError: ``drop_prob`` outside [0, 1], an unknown ``mode``, a 0-d ``x`` or a
+            ``batch_dim`` it lacks.
 
     Example:
         >>> x = torch.ones(4, 3)
@@ -75,7 +82,7 @@ def drop_path(
     check_mode(mode)
     if not training or drop_prob == 0.0:
         return x
-    shape = _mask_shape(x, mode)
+    shape = _mask_shape(x, mode, batch_dim)
     if drop_prob == 1.0:  # ``where``, not ``x * 0``: no NaN from inf, and the layout survives
         return torch.where(x.new_ones(shape, dtype=torch.bool), 0.0, x)
     return x * keep_mask(shape, drop_prob, scale_by_keep, x.dtype, x.device)
@@ -104,11 +111,14 @@ class DropPath(nn.Module):
 
     ``drop_prob`` and ``mode`` are plain attributes, so a schedule may change them between steps;
     they are checked again on every call. No parameters or buffers: ``state_dict()`` is empty.
+    ``batch_dim`` is the dimension holding the samples: ``inject_droppath`` sets it from the
+    captured run (1 on a sequence-first ``(T, B, C)`` branch).
 
     Args:
         drop_prob: the probability of dropping the branch, in [0, 1].
         mode: ``"row"`` (per sample, timm's) or ``"batch"`` (one decision for the batch).
         scale_by_keep: scale kept branches by ``1 / (1 - drop_prob)``.
+        batch_dim: the dimension of the branch that holds the samples.
 
     Raises:
         ValueError: ``drop_prob`` outside [0, 1], or an unknown ``mode``.
@@ -122,8 +132,14 @@ class DropPath(nn.Module):
         True
     """
 
+    batch_dim: int = 0  # a class default, so DropPaths pickled before it existed still load
+
     def __init__(
-        self, drop_prob: float = 0.0, mode: Mode = "row", scale_by_keep: bool = True
+        self,
+        drop_prob: float = 0.0,
+        mode: Mode = "row",
+        scale_by_keep: bool = True,
+        batch_dim: int = 0,
     ) -> None:
         super().__init__()
         _check_drop_prob(drop_prob)
@@ -131,12 +147,17 @@ class DropPath(nn.Module):
         self.drop_prob = drop_prob
         self.mode = mode
         self.scale_by_keep = scale_by_keep
+        self.batch_dim = batch_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        return drop_path(x, self.drop_prob, self.training, self.mode, self.scale_by_keep)
+        return drop_path(
+            x, self.drop_prob, self.training, self.mode, self.scale_by_keep, self.batch_dim
+        )
 
     def extra_repr(self) -> str:
         text = f"drop_prob={self.drop_prob:g}, mode={self.mode!r}"
+        if self.batch_dim != 0:
+            text += f", batch_dim={self.batch_dim}"
         return text if self.scale_by_keep else f"{text}, scale_by_keep=False"
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from .attach import AttachKind, Attachment, NoAttachment, plan_attachments
-from .blocks import block_key, group_blocks
+from .blocks import LayerStacks, block_key, group_blocks
 from .capture import CapturedRun, capture
 from .droppaths import drop_path_rate_of
 from .errors import ExampleInputError
@@ -23,11 +23,13 @@ from .residuals import ResidualSite, find_sites
 
 @dataclass(frozen=True)
 class PlannedSite:
-    """A residual site, its block's index in execution order, and where its DropPath goes."""
+    """A residual site, its block's index in execution order, and where its DropPath goes;
+    ``layer`` is the module of its layer (None: an iteration of its owner's loop, or none)."""
 
     site: ResidualSite
     block_index: int
     attachment: Attachment | NoAttachment
+    layer: str | None = None
 
 
 @dataclass
@@ -69,14 +71,16 @@ def make_plan(model: nn.Module, inputs: ExampleInputs) -> Plan:
     run = _capture(model, inputs)
     sites = find_sites(run.graph, run.modules)
     attachments = plan_attachments(run, sites)
+    stacks = LayerStacks((site.owner for site in sites), run.modules)
+    branches = [_branch_module(s, a) for s, a in zip(sites, attachments, strict=True)]
     keys = [
-        block_key(site, _branch_module(site, attachment), run.modules)
-        for site, attachment in zip(sites, attachments, strict=True)
+        block_key(site, branch, run.modules, stacks)
+        for site, branch in zip(sites, branches, strict=True)
     ]
     blocks = group_blocks(keys)
+    layers = [stacks.layer_of(s.owner, b) for s, b in zip(sites, branches, strict=True)]
     planned = [
-        PlannedSite(site, block, attachment)
-        for site, block, attachment in zip(sites, blocks, attachments, strict=True)
+        PlannedSite(*fields) for fields in zip(sites, blocks, attachments, layers, strict=True)
     ]
     return Plan(run, planned, len(set(blocks)))
 

@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any
 
 from .attach import AttachKind
-from .granularity import LayerDropReport
+from .granularity import BlockHandling, LayerDropReport
 from .skipping import SkipPlan
 from .version import __version__
 
@@ -153,7 +153,8 @@ class Report:
         return data
 
     def shortfall(self, model_name: str) -> str | None:
-        """A warning when nothing was found, or some sites or modules got no DropPath."""
+        """A warning when nothing was found, some sites or modules got no DropPath, or, with
+        ``skip_compute`` under block granularity, some blocks still compute what they drop."""
         if not self.sites:
             untouched = "; ".join(f"{s.module or '<model>'}: {s.reason}" for s in self.skipped[:3])
             found = f" ({untouched})" if untouched else ""
@@ -167,6 +168,16 @@ class Report:
             first = self.skipped[0]
             parts.append(f"{len(self.skipped)} modules of {model_name} were left untouched "
                          f"({first.module or '<model>'}: {first.reason})")  # fmt: skip
+        if self.layer_drop is not None and self.layer_drop.skip_compute:
+            blocks = self.layer_drop.blocks
+            masked = [b for b in blocks if b.handling is not BlockHandling.SKIPPED]
+            if masked:
+                first_block = masked[0]
+                why = first_block.reason or first_block.handling.value
+                where = f"block {first_block.block_index}, {first_block.module}"
+                parts.append(f"skip_compute=True, but {len(masked)} of {len(blocks)} blocks of "
+                             f"{model_name} still compute their dropped branches, masked "
+                             f"({where}: {why})")  # fmt: skip
         return "; ".join(parts) or None
 
     def table(self) -> str:
