@@ -306,7 +306,8 @@ def cond_refusal(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, 
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.cond(torch.ones((), dtype=torch.bool), kept, torch.clone, (hidden,))
     except Exception as error:  # dynamo's refusals have several types; any means "no"
-        return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return f"{type(error).__name__}: {' '.join(lines)[:300]}"
     finally:
         for sub, training in modes:
             sub.training = training
