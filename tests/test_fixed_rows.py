@@ -170,6 +170,35 @@ def test_fixed_skip_equals_mask_on_the_same_rows(name: str) -> None:
     assert not any(s.masked_calls for s in skips.values())
 
 
+def test_branch_granularity_skips_on_exactly_k_rows_and_equals_the_mask() -> None:
+    """The symbolic path's SkippingDropPath in fixed mode: each branch of timm's blocks sees
+    the k rows its rate gives (hooks count them), and matches the mask under the same seed."""
+    original, args, kwargs = vit()
+    small = example(args, kwargs)
+    masked = inject_droppath(copy.deepcopy(original), 0.5, mode="fixed", example_inputs=small)
+    skipping = inject_droppath(
+        copy.deepcopy(original), 0.5, mode="fixed", skip_compute=True, example_inputs=small
+    )
+    seen: dict[str, list[int]] = {}
+    for index, block in enumerate(skipping.blocks):
+        for part in ("attn", "mlp"):  # their first linear layers: the trace inlines the rest
+            rows = seen.setdefault(f"{index}.{part}", [])
+            first = block.attn.qkv if part == "attn" else block.mlp.fc1
+            first.register_forward_pre_hook(
+                lambda _, inputs, rows=rows: rows.append(len(inputs[0]))
+            )
+    rates = [0.5 * i / 3 for i in range(4)]  # the linear schedule over timm's 4 blocks
+    for seed in range(2):
+        expected, expected_grads = train_step(masked, args, kwargs, seed)
+        out, grads = train_step(skipping, args, kwargs, seed)
+        torch.testing.assert_close(out, expected, **TOLERANCE)
+        for key in expected_grads:
+            torch.testing.assert_close(grads[key], expected_grads[key], **TOLERANCE)
+    for index, rate in enumerate(rates):
+        for part in ("attn", "mlp"):
+            assert seen[f"{index}.{part}"] == [expected_kept(BATCH, rate)] * 2, (index, part)
+
+
 # --- torch.compile -----------------------------------------------------------------------------
 
 
