@@ -173,7 +173,8 @@ def inject_droppath(
         max_drop: the rate of the deepest block (linear schedule).
         schedule: ``"linear"``, ``"uniform"``, ``"exponential"`` (LayerSkip) or a callable
             ``(index, num_blocks, max_drop)``; see ``drop_rates``.
-        mode: ``"row"`` (one decision per sample) or ``"batch"`` (one for the whole batch).
+        mode: ``"row"`` (one decision per sample), ``"batch"`` (one for the whole batch) or
+            ``"fixed"`` (exactly ``max(1, round((1 - p) * B))`` samples kept, scaled by B / k).
         example_inputs: a tensor, a tuple of positional arguments or a dict of keyword ones.
         verify: check that eval outputs stay bit-identical (else the model is restored).
         existing: ``"rerate"`` or ``"keep"`` the rates of drop paths the model already has.

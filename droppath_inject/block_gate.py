@@ -2,10 +2,11 @@
 
 A ``LayerGate`` is a forward pre-hook on the block's module (a transformer layer, a timm
 block): when the block is called in training at a rate above 0, it draws the decision once
-(``(B,)`` uniforms on the input's device in row mode, one uniform on the CPU in batch mode)
-and every ``BlockDropPath`` of the block multiplies its branch by that decision's mask. In
-eval, or at rate 0, nothing is drawn, so the RNG stream (and so every dropout of the model)
-stays exactly as without injection.
+(``(B,)`` uniforms on the input's device in row mode, one uniform on the CPU in batch mode,
+a random permutation's first ``k`` indices on the input's device in fixed mode) and every
+``BlockDropPath`` of the block multiplies its branch by that decision's mask. In eval, or
+at rate 0, nothing is drawn, so the RNG stream (and so every dropout of the model) stays exactly
+as without injection.
 
 The gate is a plain object, not a module: ``state_dict()`` and ``model.modules()`` do not
 change. It is reached from its hook and from its DropPaths, so ``torch.save`` and
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from .errors import DropPathInjectError
 from .internals import tree_leaves
-from .layers import DropPath, Mode
+from .layers import DropPath, Mode, fixed_rows, fixed_scale
 
 
 def _first_tensor(args: Any, kwargs: Any) -> Tensor | None:
@@ -38,7 +39,8 @@ class LayerGate:
 
     ``scale`` is what the block's DropPaths multiply by: ``(B,)`` or ``(1,)`` float32 values,
     0 for dropped and ``1 / keep`` (or 1) for kept samples; None when nothing is dropped.
-    ``members`` are the block's DropPaths, whose common rate the gate draws at.
+    ``members`` are the block's DropPaths, whose common rate the gate draws at. In fixed mode
+    ``rows`` holds the kept samples' indices (``k`` of them, a static count), else None.
     """
 
     batch_dim: int = 0  # the dimension of the block's first tensor argument holding the samples
@@ -49,6 +51,7 @@ class LayerGate:
         self.skip_compute = skip_compute  # how the injection that made it was asked to run
         self.members: list[BlockDropPath] = []
         self.scale: Tensor | None = None
+        self.rows: Tensor | None = None
 
     @property
     def drop_prob(self) -> float:
@@ -61,27 +64,34 @@ class LayerGate:
     def draw(self, reference: Tensor) -> None:
         """Draw a new decision for a batch like ``reference`` (its ``batch_dim``, device)."""
         keep = 1.0 - self.drop_prob
+        scale_by_keep = all(m.scale_by_keep for m in self.members)
+        if self.mode == "fixed":
+            batch = reference.shape[self.batch_dim]
+            self.rows = fixed_rows(batch, self.drop_prob, reference.device)
+            value = fixed_scale(batch, self.rows.shape[0], scale_by_keep)
+            zeros = torch.zeros(batch, device=reference.device)
+            self.scale = zeros.index_fill_(0, self.rows, value)
+            return
         if self.mode == "row":
             uniform = torch.rand(reference.shape[self.batch_dim], device=reference.device)
         else:
             uniform = torch.rand(1)  # on the CPU: skipping can read it without a device sync
         scale = (uniform < keep).float()
-        scale_by_keep = all(m.scale_by_keep for m in self.members)
         self.scale = scale / keep if scale_by_keep and keep > 0.0 else scale
 
     def __call__(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
+        self.scale = self.rows = None
         if not self.active(module):
-            self.scale = None
             return
         reference = _first_tensor(args, kwargs)
         if reference is None:
-            self.scale = None
             return
         self.draw(reference)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(vars(self))
-        state["scale"] = None  # a decision belongs to one forward, not to a checkpoint
+        # a decision belongs to one forward, not to a checkpoint
+        state["scale"] = state["rows"] = None
         return state
 
 

@@ -24,7 +24,7 @@ from .blocks import CONTAINERS
 from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropReport
 from .inputs import ExampleInputs, run_eval
 from .internals import BATCH_NORM_BASE, forward_pre_hooks, remove_forward_pre_hooks
-from .layer_skip import LayerSkip, install, uninstall
+from .layer_skip import LayerSkip, cond_refusal, install, uninstall
 from .layers import DropPath, Mode
 from .plan import Plan, PlannedSite
 from .provenance import Provenance
@@ -50,6 +50,7 @@ class _Block:
     batch_norms: bool = False
     shared: frozenset[int | str] = frozenset()  # arguments holding the model's state
     batch_dim: int | None = 0  # where the block's first argument holds the samples
+    cond_refusal: str | None = None  # batch mode: why torch.cond cannot hold it ('' if it can)
 
 
 def _shared_arguments(
@@ -193,10 +194,13 @@ class BlockDrops:
             for b in self.blocks.values()
             if b.handling is BlockHandling.SKIPPED and b.module is not None
         }
-        if mode == "row" and skipping:
-            modules = {path: model.get_submodule(path) for path in skipping}
+        modules = {path: model.get_submodule(path) for path in skipping}
+        if mode != "batch" and skipping:  # row and fixed modes gather by rows
             for path, shared in _shared_arguments(model, inputs, modules).items():
                 skipping[path].shared = shared
+        if mode == "batch" and skipping:  # compiled code decides in torch.cond where it can
+            for path, call in run_eval(model, inputs, modules)[1].items():
+                skipping[path].cond_refusal = cond_refusal(modules[path], call.args, call.kwargs)
         self._gates: dict[int, LayerGate] = {}
 
     def __call__(self, attacher: Attacher, rate: float, place: tuple[int, int]) -> DropPath:
@@ -214,7 +218,10 @@ class BlockDrops:
         gate = LayerGate(self.mode, self.skip_compute, block.batch_dim or 0)
         handle = module.register_forward_pre_hook(gate, with_kwargs=True)
         if block.handling is BlockHandling.SKIPPED:
-            install(module, gate, block.batch_norms, self.gather_batch_norm, block.shared)
+            skip = install(module, gate, block.batch_norms, self.gather_batch_norm, block.shared)
+            skip.conditional = block.cond_refusal == ""
+            if block.cond_refusal:
+                block.reason = f"compiled batch mode decides in Python: {block.cond_refusal}"
         self._gates[block.index] = gate
 
         def undo() -> None:

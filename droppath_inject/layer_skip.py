@@ -26,7 +26,7 @@ and every rank reduces every gradient even when ranks decide differently.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .block_gate import LayerGate
 from .errors import DropPathInjectError, DropPathWarning
+from .internals import tree_leaves
 from .layers import gather_rows
 from .row_caches import fillable_by_rows, is_cache, layer_index
 
@@ -76,6 +77,12 @@ def _gather(value: Any, rows: Tensor, batch: int, fillable: Callable[[object], b
             "gradients, cannot be split by rows; pass use_cache=False in training"
         )
     raise Refused(f"an argument of type {type(value).__name__} cannot be split by rows")
+
+
+def _traceable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``torch.cond`` may take a call with these arguments: tensors and plain values
+    only (a cache the block writes to is a side effect a branch may not have)."""
+    return all(isinstance(leaf, Tensor) or _plain(leaf) for leaf in tree_leaves((args, kwargs)))
 
 
 def _zero_term(module: nn.Module) -> Tensor | None:
@@ -128,6 +135,8 @@ class LayerSkip:
         self.skipped_calls = 0  # training calls that did not run the block
         self.gathered_calls = 0  # training calls that ran it on some rows only
         self.masked_calls = 0  # training calls that had to run masked (``last_refusal``)
+        self.conditional = False  # compiled batch mode decides in torch.cond (``cond_refusal``)
+        self.conditional_calls = 0  # compiled batch-mode calls deciding inside torch.cond
         self.last_refusal = ""
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
@@ -164,7 +173,12 @@ class LayerSkip:
         hidden = args[0]
         if self.structure is True or self.structure is False or not isinstance(hidden, Tensor):
             return self._full(args, kwargs)
+        if self.gate.mode == "fixed":
+            return self._fixed(hidden, args, kwargs)
         if self.gate.mode == "batch" or scale.shape[0] == 1:
+            if self.conditional and torch.compiler.is_compiling() and _traceable(args, kwargs):
+                self.conditional_calls += 1
+                return self._wrap(self._conditional(hidden, scale, args, kwargs))
             if bool(scale[0] > 0):
                 return self._full(args, kwargs)
             return self._wrap(self._skipped(hidden))
@@ -183,8 +197,37 @@ class LayerSkip:
 
     def _skipped(self, hidden: Tensor) -> Tensor:
         self.skipped_calls += 1
+        return self._dropped(hidden)
+
+    def _dropped(self, hidden: Tensor) -> Tensor:
         zero = _zero_term(self.module)
         return hidden.clone() if zero is None else hidden + zero.to(hidden.dtype)
+
+    def _conditional(
+        self, hidden: Tensor, scale: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Tensor:
+        """Batch mode under torch.compile: ``torch.cond`` on the decision, no graph break.
+
+        Both branches return the hidden state (same shape and dtype: the block is residual);
+        the other arguments are closed over, which dynamo lifts into the branches."""
+
+        def kept(inner: Tensor) -> Tensor:
+            output = self.run(inner, *args[1:], **kwargs)
+            return output if isinstance(output, Tensor) else output[0]
+
+        result: Tensor = torch.cond(scale[0] > 0, kept, self._dropped, (hidden,))
+        return result
+
+    def _fixed(self, hidden: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Fixed-count rows: ``k`` is known from the batch size and rate before the draw, so
+        the gathered shapes are static and nothing reads the decision back to the host."""
+        rows = self.gate.rows
+        assert rows is not None
+        if rows.shape[0] == hidden.shape[0]:
+            return self._full(args, kwargs)
+        if rows.shape[0] == 0:
+            return self._wrap(self._skipped(hidden))
+        return self._on_rows(hidden, rows, args, kwargs)
 
     def _refuse(self, reason: str) -> None:
         """Count a call that runs masked instead of on the kept rows; warn on the first."""
@@ -206,6 +249,15 @@ class LayerSkip:
             return self._full(args, kwargs)
         if kept.numel() == 0:
             return self._wrap(self._skipped(hidden))
+        return self._on_rows(hidden, kept, args, kwargs)
+
+    def _on_rows(
+        self, hidden: Tensor, kept: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run the block on the ``kept`` rows and put them back into a copy of ``hidden``."""
+        scale = self.gate.scale
+        assert scale is not None
+        batch = hidden.shape[0]
         if self.batch_norms and not self.gather_batch_norm:
             self._refuse("training BatchNorm: batch statistics would change")
             return self._full(args, kwargs)
@@ -229,6 +281,37 @@ class LayerSkip:
         dtype = torch.promote_types(hidden.dtype, kept_out.dtype)
         # out of place: a new tensor, the input itself is left as it was
         return self._wrap(hidden.to(dtype).index_copy(0, kept, kept_out.to(dtype)))
+
+
+def cond_refusal(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """Why ``torch.cond`` cannot hold a training call of ``module`` like this one ('' if it can).
+
+    A branch of ``torch.cond`` may have no Python side effects (a hook counting calls, a
+    context variable set by a wrapped ``forward``), and dynamo raises rather than breaking the
+    graph when it meets one, so each block is traced once at injection: ``torch.cond`` run
+    eagerly on the example call, in training mode and with the RNG state restored after.
+    """
+    hidden = args[0] if args else None
+    if not isinstance(hidden, Tensor) or not _traceable(args, dict(kwargs)):
+        return "the call has arguments torch.cond cannot take"
+
+    def kept(inner: Tensor) -> Tensor:
+        output = module.forward(inner, *args[1:], **kwargs)
+        return output if isinstance(output, Tensor) else output[0]
+
+    modes = [(m, m.training) for m in module.modules()]
+    module.train()
+    devices = [hidden.device] if hidden.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.cond(torch.ones((), dtype=torch.bool), kept, torch.clone, (hidden,))
+    except Exception as error:  # dynamo's refusals have several types; any means "no"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return f"{type(error).__name__}: {' '.join(lines)[:300]}"
+    finally:
+        for sub, training in modes:
+            sub.training = training
+    return ""
 
 
 def install(

@@ -4,6 +4,9 @@ In training, a residual branch ``F(x)`` in ``x + F(x)`` is zeroed with probabili
 so the block degrades to the identity, and kept branches are scaled by ``1 / (1 - drop_prob)``
 so the expected output is unchanged. ``mode="row"`` decides per sample (timm, torchvision "row");
 ``mode="batch"`` decides once for the whole batch (Huang et al. 2016, torchvision "batch").
+``mode="fixed"`` keeps exactly ``k = max(1, round((1 - p) * B))`` samples, drawn uniformly
+without replacement and scaled by ``B / k`` (DINOv2's ``drop_add_residual_stochastic_depth``):
+the kept count depends on ``B`` and ``p`` only, so a skipping run has static shapes.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from typing import Literal, TypeAlias
 import torch
 from torch import Tensor, nn
 
-Mode: TypeAlias = Literal["row", "batch"]
-MODES: tuple[str, ...] = ("row", "batch")
+Mode: TypeAlias = Literal["row", "batch", "fixed"]
+MODES: tuple[str, ...] = ("row", "batch", "fixed")
 
 
 def _check_drop_prob(drop_prob: float) -> None:
@@ -38,7 +41,7 @@ def _mask_shape(x: Tensor, mode: str, batch_dim: int = 0) -> tuple[int, ...]:
     if not -x.ndim <= batch_dim < x.ndim:
         raise ValueError(f"batch_dim {batch_dim} is not a dimension of a {x.ndim}-d input")
     shape = [1] * x.ndim
-    if mode == "row":
+    if mode != "batch":
         shape[batch_dim] = x.shape[batch_dim]
     return tuple(shape)
 
@@ -57,8 +60,9 @@ def drop_path(
         x: the residual branch's output.
         drop_prob: the probability of dropping, in [0, 1].
         training: whether to drop at all (pass the module's ``self.training``).
-        mode: ``"row"``, one decision per sample, or ``"batch"``, one for the whole batch.
-        scale_by_keep: scale kept values by ``1 / (1 - drop_prob)``.
+        mode: ``"row"``, one decision per sample, ``"batch"``, one for the whole batch, or
+            ``"fixed"``, exactly ``kept_count(B, drop_prob)`` samples kept.
+        scale_by_keep: scale kept values by ``1 / (1 - drop_prob)`` (``B / k`` when fixed).
         batch_dim: the dimension of ``x`` holding the samples (1 for ``(T, B, C)``).
 
     Returns:
@@ -85,6 +89,8 @@ def drop_path(
     shape = _mask_shape(x, mode, batch_dim)
     if drop_prob == 1.0:  # ``where``, not ``x * 0``: no NaN from inf, and the layout survives
         return torch.where(x.new_ones(shape, dtype=torch.bool), 0.0, x)
+    if mode == "fixed":
+        return x * fixed_keep_mask(shape, drop_prob, scale_by_keep, x.dtype, x.device)
     return x * keep_mask(shape, drop_prob, scale_by_keep, x.dtype, x.device)
 
 
@@ -106,6 +112,43 @@ def keep_mask(
     return mask
 
 
+def kept_count(batch: int, drop_prob: float) -> int:
+    """How many of ``batch`` samples a fixed-count draw keeps: all at rate 0, none at rate 1,
+    else ``max(1, round((1 - drop_prob) * batch))`` (Python's round: halves go to even)."""
+    if drop_prob == 0.0:
+        return batch
+    if drop_prob == 1.0:
+        return 0
+    return max(1, round((1.0 - drop_prob) * batch))
+
+
+def fixed_rows(batch: int, drop_prob: float, device: torch.device) -> Tensor:
+    """``kept_count(batch, drop_prob)`` sample indices, uniform without replacement (the head
+    of a random permutation): a shape known before the draw, no ``nonzero``, no host sync."""
+    return torch.randperm(batch, device=device)[: kept_count(batch, drop_prob)]
+
+
+def fixed_scale(batch: int, kept: int, scale_by_keep: bool) -> float:
+    """What kept samples are multiplied by: ``batch / kept`` (the realised keep rate), or 1."""
+    return batch / kept if scale_by_keep and kept else 1.0
+
+
+def fixed_keep_mask(
+    shape: tuple[int, ...],
+    drop_prob: float,
+    scale_by_keep: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """Fixed-count keep mask of ``shape`` (the batch size in one dimension, ones elsewhere):
+    ``fixed_scale`` on the ``fixed_rows`` samples, 0 on the others."""
+    batch = max(shape)
+    rows = fixed_rows(batch, drop_prob, device)
+    value = fixed_scale(batch, rows.shape[0], scale_by_keep)
+    mask = torch.zeros(batch, dtype=dtype, device=device).index_fill_(0, rows, value)
+    return mask.view(shape)
+
+
 class DropPath(nn.Module):
     """Stochastic depth on a residual branch: ``x + DropPath(p)(F(x))``.
 
@@ -116,7 +159,8 @@ class DropPath(nn.Module):
 
     Args:
         drop_prob: the probability of dropping the branch, in [0, 1].
-        mode: ``"row"`` (per sample, timm's) or ``"batch"`` (one decision for the batch).
+        mode: ``"row"`` (per sample, timm's), ``"batch"`` (one decision for the batch) or
+            ``"fixed"`` (exactly ``kept_count(B, drop_prob)`` samples kept, DINOv2's).
         scale_by_keep: scale kept branches by ``1 / (1 - drop_prob)``.
         batch_dim: the dimension of the branch that holds the samples.
 
@@ -209,7 +253,9 @@ class SkippingDropPath(DropPath):
         if self.per_sample is None or (
             not self.gather_batch_norm and any(m.training for m in self.batch_norms)
         ):
-            return skip + drop_path(self.branch(*inputs), self.drop_prob, True, "row")
+            return skip + drop_path(self.branch(*inputs), self.drop_prob, True, self.mode)
+        if self.mode == "fixed":
+            return self._fixed(skip, inputs)
         return self._rows(skip, inputs)
 
     def _mask(self, skip: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
@@ -229,11 +275,27 @@ class SkippingDropPath(DropPath):
             return skip.clone()
         if kept.numel() == batch:
             return skip + self.branch(*inputs) * mask
+        return self._add_rows(skip, inputs, kept, mask.index_select(0, kept))
+
+    def _fixed(self, skip: Tensor, inputs: tuple[object, ...]) -> Tensor:
+        """Fixed-count rows: static shapes, so compiled code needs no guard on the draw."""
+        batch = skip.shape[0]
+        rows = fixed_rows(batch, self.drop_prob, skip.device)
+        if rows.shape[0] == 0:
+            return skip.clone()
+        scale = fixed_scale(batch, rows.shape[0], self.scale_by_keep)
+        return self._add_rows(skip, inputs, rows, scale)
+
+    def _add_rows(
+        self, skip: Tensor, inputs: tuple[object, ...], kept: Tensor, scale: Tensor | float
+    ) -> Tensor:
+        """``skip`` plus the branch run on the ``kept`` rows (times ``scale``) at those rows."""
+        batch = skip.shape[0]
         gathered = [
             gather_rows(x, kept) if flag and isinstance(x, Tensor) and len(x) == batch else x
             for x, flag in zip(inputs, self.per_sample or (), strict=True)
         ]
-        kept_out = self.branch(*gathered) * mask.index_select(0, kept)
+        kept_out = self.branch(*gathered) * scale
         dtype = torch.promote_types(skip.dtype, kept_out.dtype)
         out = skip.to(dtype).clone()  # clone keeps the memory format, out-of-place index_add not
         return out.index_add_(0, kept, kept_out.to(dtype))

@@ -131,7 +131,9 @@ def test_gradient_is_the_upstream_gradient_through_the_scaled_keep_mask(mode: st
     kept = kept_samples(out.detach())
     if mode == "row":
         assert kept.any() and not kept.all()
-    expected = torch.where(kept[:, None, None], upstream / (1.0 - drop_prob), 0.0)
+    # fixed mode scales by the realised keep rate B / k (DINOv2's), the others by 1 / (1 - p)
+    keep = kept.double().mean() if mode == "fixed" else 1.0 - drop_prob
+    expected = torch.where(kept[:, None, None], upstream / keep, 0.0)
     torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=0.0)
 
 
@@ -178,8 +180,12 @@ def test_any_rank_and_dtype_keeps_or_drops_each_sample_whole(
     kept = kept_samples(out)
     if mode == "batch":
         assert kept.all() or not kept.any()
+    keep = 1.0 - drop_prob
+    if mode == "fixed":  # exactly max(1, round((1 - p) B)) samples kept, scaled by B / k
+        assert int(kept.sum()) == max(1, round(keep * len(x)))
+        keep = float(kept.double().mean())
     keep_shape = (-1,) + (1,) * (x.ndim - 1)
-    expected = torch.where(kept.reshape(keep_shape), x.double() / (1.0 - drop_prob), 0.0)
+    expected = torch.where(kept.reshape(keep_shape), x.double() / keep, 0.0)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(out.double(), expected, rtol=2 * eps, atol=0.0)
 

@@ -138,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--schedule", choices=SCHEDULES, default="linear", help="rates by depth")
     parser.add_argument(
-        "--mode", choices=MODES, default="row", help="row: per sample; batch: per batch"
+        "--mode",
+        choices=MODES,
+        default="row",
+        help="row: per sample; batch: per batch; fixed: exactly round((1-p)B) samples kept",
     )
     parser.add_argument(
         "--granularity",
