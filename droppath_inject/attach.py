@@ -29,7 +29,7 @@ from torch import fx, nn
 from .blocks import CONTAINERS
 from .capture import CapturedRun, ModuleOutput
 from .droppaths import is_drop_path_module, is_drop_path_slot
-from .graph_facts import data_derived, rejoins_add, writes_back
+from .graph_facts import data_derived, live_nodes, rejoins_add, writes_back
 from .residuals import ResidualSite
 
 _VIEW_METHODS = frozenset(
@@ -157,13 +157,14 @@ class _Planner:
     def __init__(self, run: CapturedRun) -> None:
         self.run = run
         self.data = data_derived(run.graph)
+        self.live = live_nodes(run.graph)
         self.inside = run.nodes_in_call()
 
     def _within(self, output: ModuleOutput, region: set[fx.Node]) -> bool:
-        """Every data value the call computed and something reads lies in the branch region
-        (unused ones, such as attention weights or an RNN's state, do not count)."""
+        """Every data value the call computed that reaches the output lies in the branch region
+        (dead ones, such as attention weights, an RNN's state or a cache write, do not count)."""
         inside = self.inside.get(output.call.key, [])
-        return all(n in region for n in inside if n in self.data and n.users)
+        return all(n in region for n in inside if n in self.data and n in self.live)
 
     def computed_by(self, tail: list[fx.Node], region: set[fx.Node]) -> str:
         """The largest module (not a drop path or identity) whose output is the branch."""
