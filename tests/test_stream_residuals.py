@@ -279,3 +279,63 @@ def test_a_merge_inside_an_enclosing_branch_is_not_a_joint_residual() -> None:
     assert [(s.owner, s.branch) for s in report.sites] == [
         ("blocks.0", "blocks.0.inner.4"), ("blocks.1", "blocks.1.inner.4")
     ]  # fmt: skip
+
+
+class _JointBlock(nn.Module):
+    """MMDiT's joint attention in plain torch: one attention over both streams' tokens, its
+    output split back, one residual per stream."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.norm_x, self.norm_c = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv_x, self.qkv_c = nn.Linear(width, 3 * width), nn.Linear(width, 3 * width)
+        self.out_x, self.out_c = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        tokens = x.shape[1]
+        qkv = torch.cat([self.qkv_x(self.norm_x(x)), self.qkv_c(self.norm_c(c))], dim=1)
+        q, k, v = qkv.chunk(3, dim=-1)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.out_x(attended[:, :tokens])
+        c = c + self.out_c(attended[:, tokens:])
+        return x, c
+
+
+class _TwoStreams(nn.Module):
+    def __init__(self, width: int = 8, depth: int = 3) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_JointBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        for block in self.blocks:
+            x, c = block(x, c)
+        return self.head(torch.cat([x, c], dim=1))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"granularity": "block"}, {"skip_compute": True}],
+    ids=["branch", "block", "skip-compute"],
+)
+def test_joint_streams_in_plain_torch(options: dict[str, Any]) -> None:
+    model = _randomize(_TwoStreams().eval())
+    generator = torch.Generator().manual_seed(1)
+    inputs = {"x": torch.randn(4, 5, 8, generator=generator),
+              "c": torch.randn(4, 3, 8, generator=generator)}  # fmt: skip
+    injected = copy.deepcopy(model)
+    _, report = inject_droppath(
+        injected, MAX_DROP, example_inputs=inputs, return_report=True, **options
+    )
+    assert report.verification is not None and report.verification.passed
+    branches = [f"blocks.{i}.{name}" for i in range(3) for name in ("out_x", "out_c")]
+    assert [s.owner for s in report.sites] == [b.rpartition(".")[0] for b in branches]
+    assert report.num_blocks == 3
+    assert _equal(_run(model, inputs, False)[0], _run(injected, inputs, False)[0])
+    for layer in drop_paths(injected):
+        layer.drop_prob = 0.0
+    (out_a, grads_a), (out_b, grads_b) = _run(model, inputs, True), _run(injected, inputs, True)
+    assert _equal(out_a, out_b)
+    assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    if not options:  # one DropPath per stream: dropping it zeroes that stream's branch only
+        _assert_placement(model, injected, inputs, branches)
