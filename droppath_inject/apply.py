@@ -99,16 +99,18 @@ class Attacher:
     rerate_existing: bool = True
     make_drop: Callable[[Attacher, float, tuple[int, int]], DropPath] | None = None
     _undo: list[Callable[[], None]] = field(default_factory=list)
-    _done: dict[str, Outcome] = field(default_factory=dict)
+    _done: dict[tuple[str, int | None], Outcome] = field(default_factory=dict)
 
     def attach(self, attachment: Attachment, rate: float, place: tuple[int, int]) -> Outcome:
         """Give the site ``attachment`` describes the rate ``rate`` at ``place`` (index, count).
 
         A module already attached in this call (one shared by the sites of several blocks, as
-        in a weight-shared layer run in a loop) keeps the first site's rate.
+        in a weight-shared layer run in a loop) keeps the first site's rate; the leaves of one
+        call's output (the two streams of a joint attention) are attached one by one.
         """
-        if attachment.module in self._done:
-            return self._done[attachment.module]
+        key = (attachment.module, attachment.leaf)
+        if key in self._done:
+            return self._done[key]
         if attachment.kind is AttachKind.EXISTING:
             outcome = self._existing(attachment.module, rate, place)
         else:
@@ -126,7 +128,7 @@ class Attacher:
             else:
                 self._hook(attachment, drop)
             outcome = Outcome(SiteStatus.INJECTED, rate)
-        self._done[attachment.module] = outcome
+        self._done[key] = outcome
         return outcome
 
     def _replace(self, path: str, drop: DropPath) -> None:

@@ -20,7 +20,7 @@ is reported, not rewritten.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -30,7 +30,7 @@ from .blocks import CONTAINERS
 from .capture import CapturedRun, ModuleOutput
 from .droppaths import is_drop_path_module, is_drop_path_slot
 from .graph_facts import data_derived, live_nodes, rejoins_add, writes_back
-from .residuals import ResidualSite
+from .residuals import ResidualSite, joint_regions
 
 _VIEW_METHODS = frozenset(
     {
@@ -154,17 +154,30 @@ def branch_tail(site: ResidualSite) -> list[fx.Node]:
 class _Planner:
     """Attachment candidates per site, then one choice per site that respects shared modules."""
 
-    def __init__(self, run: CapturedRun) -> None:
+    def __init__(
+        self, run: CapturedRun, joint: dict[ResidualSite, frozenset[fx.Node]] | None = None
+    ) -> None:
         self.run = run
+        self.joint = joint or {}
         self.data = data_derived(run.graph)
         self.live = live_nodes(run.graph)
         self.inside = run.nodes_in_call()
 
-    def _within(self, output: ModuleOutput, region: set[fx.Node]) -> bool:
+    def _within(self, output: ModuleOutput, region: Collection[fx.Node]) -> bool:
         """Every data value the call computed that reaches the output lies in the branch region
         (dead ones, such as attention weights, an RNN's state or a cache write, do not count)."""
         inside = self.inside.get(output.call.key, [])
         return all(n in region for n in inside if n in self.data and n in self.live)
+
+    def _carries(self, site: ResidualSite, output: ModuleOutput, region: set[fx.Node]) -> bool:
+        """A hook on ``output`` acts on ``site``'s branch alone: the call lies in the branch, or
+        the output is one leaf of a call that lies in the joint computation the branch is part
+        of (one attention over two streams returning each stream's part: only this stream's
+        leaf is dropped)."""
+        if self._within(output, region):
+            return True
+        joint = self.joint.get(site)
+        return output.leaf is not None and joint is not None and self._within(output, joint)
 
     def computed_by(self, tail: list[fx.Node], region: set[fx.Node]) -> str:
         """The largest module (not a drop path or identity) whose output is the branch."""
@@ -193,7 +206,7 @@ class _Planner:
         for node in tail:
             for output in reversed(node.meta.get("module_outputs", [])):  # outermost first
                 path = output.call.path
-                if not path or not self._within(output, region):
+                if not path or not self._carries(site, output, region):
                     continue
                 module = self.run.modules[path]
                 if is_drop_path_slot(module, path):
@@ -241,7 +254,7 @@ def plan_attachments(
     run: CapturedRun, sites: Sequence[ResidualSite]
 ) -> list[Attachment | NoAttachment]:
     """One attachment (or the reason there is none) per site of ``run``, in order."""
-    planner = _Planner(run)
+    planner = _Planner(run, joint_regions(sites))
     options = [planner.candidates(site) for site in sites]
     # a module fewer sites could use than it has calls can never carry them all: drop it first
     listed: Counter[str] = Counter()

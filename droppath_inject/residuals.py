@@ -8,7 +8,7 @@ branch, holds a longer chain of weight-bearing ops than the other, the skip. See
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import fx, nn
@@ -348,6 +348,23 @@ def _jointly_closed(sites: list[ResidualSite]) -> list[ResidualSite]:
         if len(remaining) == len(kept):
             return kept
         kept = remaining
+
+
+def joint_regions(sites: Sequence[ResidualSite]) -> dict[ResidualSite, frozenset[fx.Node]]:
+    """For each site whose branch feeds others (``feeds``), its branch region together with the
+    branch regions of the sites it feeds: the whole of a joint computation, such as one
+    attention call over two streams that returns each stream's part."""
+    readers: dict[fx.Node, list[ResidualSite]] = {}
+    for site in sites:
+        for node in site.branch_region:
+            readers.setdefault(node, []).append(site)
+    joint = {}
+    for site in sites:
+        if site.feeds:
+            partners = {other for user in site.feeds for other in readers.get(user, ())}
+            regions = (other.branch_region for other in (site, *partners))
+            joint[site] = frozenset(node for region in regions for node in region)
+    return joint
 
 
 def find_residual_sites(graph_module: fx.GraphModule) -> list[ResidualSite]:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import copy
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,16 +99,35 @@ def _inject(model: nn.Module, inputs: Any) -> tuple[nn.Module, Report]:
     return injected, report
 
 
+@contextmanager
+def _leaf_zeroed(model: nn.Module, path: str, leaf: int) -> Iterator[None]:
+    """Replace leaf ``leaf`` of the output of the module at ``path`` by zeros."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        leaves, spec = pytree.tree_flatten(output)
+        leaves[leaf] = torch.zeros_like(leaves[leaf])
+        return pytree.tree_unflatten(leaves, spec)
+
+    handle = model.get_submodule(path).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _assert_placement(
     original: nn.Module, injected: nn.Module, inputs: Any, branches: list[str]
 ) -> None:
     """Dropping each of our DropPaths alone equals zeroing exactly one of ``branches`` (the
-    library's modules computing a residual branch), and every branch is matched once."""
+    library's modules computing a residual branch; ``path:leaf`` zeroes one leaf of a module's
+    output), and every branch is matched once."""
     with torch.no_grad():
         references = []
-        for path in branches:
-            with zeroed(original.eval(), [path]):
-                references.append(_tensors(_call(original, inputs)))
+        for branch in branches:
+            path, _, leaf = branch.partition(":")
+            context = _leaf_zeroed(original, path, int(leaf)) if leaf else zeroed(original, [path])
+            with context:
+                references.append(_tensors(_call(original.eval(), inputs)))
         matched: list[str] = []
         for layer in drop_paths(injected):
             saved = layer.drop_prob
@@ -281,24 +301,33 @@ def test_a_merge_inside_an_enclosing_branch_is_not_a_joint_residual() -> None:
     ]  # fmt: skip
 
 
-class _JointBlock(nn.Module):
+class _JointAttention(nn.Module):
     """MMDiT's joint attention in plain torch: one attention over both streams' tokens, its
-    output split back, one residual per stream."""
+    output split back and projected per stream inline; one call returns both streams."""
 
     def __init__(self, width: int = 8) -> None:
         super().__init__()
-        self.norm_x, self.norm_c = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv_x, self.qkv_c = nn.Linear(width, 3 * width), nn.Linear(width, 3 * width)
-        self.out_x, self.out_c = nn.Linear(width, width), nn.Linear(width, width)
+        self.out_x = nn.Parameter(torch.randn(width, width))
+        self.out_c = nn.Parameter(torch.randn(width, width))
 
     def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         tokens = x.shape[1]
-        qkv = torch.cat([self.qkv_x(self.norm_x(x)), self.qkv_c(self.norm_c(c))], dim=1)
-        q, k, v = qkv.chunk(3, dim=-1)
+        q, k, v = torch.cat([self.qkv_x(x), self.qkv_c(c)], dim=1).chunk(3, dim=-1)
         attended = nn.functional.scaled_dot_product_attention(q, k, v)
-        x = x + self.out_x(attended[:, :tokens])
-        c = c + self.out_c(attended[:, tokens:])
-        return x, c
+        x_part, c_part = attended[:, :tokens], attended[:, tokens:]
+        return nn.functional.linear(x_part, self.out_x), nn.functional.linear(c_part, self.out_c)
+
+
+class _JointBlock(nn.Module):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.norm_x, self.norm_c = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = _JointAttention(width)
+
+    def forward(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        attended_x, attended_c = self.attn(self.norm_x(x), self.norm_c(c))
+        return x + attended_x, c + attended_c
 
 
 class _TwoStreams(nn.Module):
@@ -328,8 +357,8 @@ def test_joint_streams_in_plain_torch(options: dict[str, Any]) -> None:
         injected, MAX_DROP, example_inputs=inputs, return_report=True, **options
     )
     assert report.verification is not None and report.verification.passed
-    branches = [f"blocks.{i}.{name}" for i in range(3) for name in ("out_x", "out_c")]
-    assert [s.owner for s in report.sites] == [b.rpartition(".")[0] for b in branches]
+    branches = [f"blocks.{i}.attn:{leaf}" for i in range(3) for leaf in (0, 1)]
+    assert [s.owner for s in report.sites] == [f"blocks.{i}" for i in range(3) for _ in "xc"]
     assert report.num_blocks == 3
     assert _equal(_run(model, inputs, False)[0], _run(injected, inputs, False)[0])
     for layer in drop_paths(injected):
@@ -337,5 +366,5 @@ def test_joint_streams_in_plain_torch(options: dict[str, Any]) -> None:
     (out_a, grads_a), (out_b, grads_b) = _run(model, inputs, True), _run(injected, inputs, True)
     assert _equal(out_a, out_b)
     assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
-    if not options:  # one DropPath per stream: dropping it zeroes that stream's branch only
+    if not options:  # one DropPath per stream, on its leaf of the attention's output only
         _assert_placement(model, injected, inputs, branches)
