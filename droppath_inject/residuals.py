@@ -352,8 +352,9 @@ def _jointly_closed(sites: list[ResidualSite]) -> list[ResidualSite]:
 
 def joint_regions(sites: Sequence[ResidualSite]) -> dict[ResidualSite, frozenset[fx.Node]]:
     """For each site whose branch feeds others (``feeds``), its branch region together with the
-    branch regions of the sites it feeds: the whole of a joint computation, such as one
-    attention call over two streams that returns each stream's part."""
+    branch regions of the sites it feeds (as ``find_sites`` accepted them: not those enclosing
+    it): the whole of a joint computation, such as one attention call over two streams that
+    returns each stream's part."""
     readers: dict[fx.Node, list[ResidualSite]] = {}
     for site in sites:
         for node in site.branch_region:
@@ -361,7 +362,12 @@ def joint_regions(sites: Sequence[ResidualSite]) -> dict[ResidualSite, frozenset
     joint = {}
     for site in sites:
         if site.feeds:
-            partners = {other for user in site.feeds for other in readers.get(user, ())}
+            partners = {
+                other
+                for user in site.feeds
+                for other in readers.get(user, ())
+                if site.add not in other.branch_region  # not a branch enclosing the site
+            }
             regions = (other.branch_region for other in (site, *partners))
             joint[site] = frozenset(node for region in regions for node in region)
     return joint
