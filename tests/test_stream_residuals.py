@@ -6,9 +6,11 @@
 - Class attention (timm ``cait_*``, vit-pytorch ``CaiT``): ``x_cls + attn(cat(x_cls, x))``,
   where the first layer's ``x_cls`` is a parameter expanded to the batch.
 - A branch that writes a cache (Hugging Face ``MambaModel`` with ``use_cache=True``).
+- The same joint attention in plain torch, one call returning both streams (hooked per leaf),
+  and a merge inside an enclosing branch, which stays no residual.
 
 Truths come from the libraries: diffusers' ``JointTransformerBlock`` (its ``context_pre_only``
-and ``use_dual_attention`` decide which of its adds exist), timm's own drop paths, vit-pytorch's
+decides whether the text stream has residuals), timm's own drop paths, vit-pytorch's
 ``Transformer.layers`` pairs, Mamba's ``num_hidden_layers``. Placement is checked by dropping
 each of our DropPaths alone and finding the one library module whose output, zeroed, gives the
 same outputs bit for bit.
@@ -169,7 +171,9 @@ def _joint_block_branches(model: nn.Module) -> list[list[str]]:
     layers = []
     for index, block in enumerate(model.transformer_blocks):
         path = f"transformer_blocks.{index}"
-        assert not block.use_dual_attention  # SD3.5's second attention: not covered here
+        # SD3.5's second image attention adds onto ``x + attn`` beside it (a parallel block,
+        # issue 19 class 1): not covered here
+        assert not block.use_dual_attention
         branches = [f"{path}.attn.to_out.0", f"{path}.ff"]
         if not block.context_pre_only:
             branches += [f"{path}.attn.to_add_out", f"{path}.ff_context"]
