@@ -100,16 +100,18 @@ class Attacher:
     rerate_existing: bool = True
     make_drop: Callable[[Attacher, float, tuple[int, int]], DropPath] | None = None
     _undo: list[Callable[[], None]] = field(default_factory=list)
-    _done: dict[str, Outcome] = field(default_factory=dict)
+    _done: dict[tuple[str, int | None], Outcome] = field(default_factory=dict)
 
     def attach(self, attachment: Attachment, rate: float, place: tuple[int, int]) -> Outcome:
         """Give the site ``attachment`` describes the rate ``rate`` at ``place`` (index, count).
 
         A module already attached in this call (one shared by the sites of several blocks, as
-        in a weight-shared layer run in a loop) keeps the first site's rate.
+        in a weight-shared layer run in a loop) keeps the first site's rate; the leaves of one
+        call's output (the two streams of a joint attention) are attached one by one.
         """
-        if attachment.module in self._done:
-            return self._done[attachment.module]
+        key = (attachment.module, attachment.leaf)
+        if key in self._done:
+            return self._done[key]
         parts = (attachment, *attachment.parts)
         if attachment.kind is AttachKind.EXISTING:
             outcome = self._existing(attachment, rate, place)
@@ -123,7 +125,7 @@ class Attacher:
                 self._place(part, each, place)
             outcome = Outcome(SiteStatus.INJECTED, rate)
         for part in parts:
-            self._done[part.module] = outcome
+            self._done[(part.module, part.leaf)] = outcome
         return outcome
 
     def _new_drop(self, rate: float, place: tuple[int, int]) -> DropPath:

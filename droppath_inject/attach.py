@@ -20,7 +20,7 @@ is reported, not rewritten.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -30,9 +30,16 @@ from .batch_dims import batch_dim_of, first_input_batch_dims
 from .blocks import CONTAINERS
 from .capture import CapturedRun, ModuleOutput
 from .droppaths import is_drop_path_module, is_drop_path_slot
-from .graph_facts import add_operands, data_derived, rejoins_add, stacked_terms, writes_back
+from .graph_facts import (
+    add_operands,
+    data_derived,
+    live_nodes,
+    rejoins_add,
+    stacked_terms,
+    writes_back,
+)
 from .layers import DropPath
-from .residuals import ResidualSite
+from .residuals import ResidualSite, joint_regions
 
 _VIEW_METHODS = frozenset(
     {
@@ -149,17 +156,31 @@ def branch_tail(site: ResidualSite, start: fx.Node | None = None) -> list[fx.Nod
 class _Planner:
     """Attachment candidates per site, then one choice per site that respects shared modules."""
 
-    def __init__(self, run: CapturedRun) -> None:
+    def __init__(
+        self, run: CapturedRun, joint: dict[ResidualSite, frozenset[fx.Node]] | None = None
+    ) -> None:
         self.run = run
+        self.joint = joint or {}
         self.data = data_derived(run.graph)
+        self.live = live_nodes(run.graph)
         self.inside = run.nodes_in_call()
         self.input_batch_dims = first_input_batch_dims(run.graph)
 
-    def _within(self, output: ModuleOutput, region: set[fx.Node]) -> bool:
-        """Every data value the call computed and something reads lies in the branch region
-        (unused ones, such as attention weights or an RNN's state, do not count)."""
+    def _within(self, output: ModuleOutput, region: Collection[fx.Node]) -> bool:
+        """Every data value the call computed that reaches the output lies in the branch region
+        (dead ones, such as attention weights, an RNN's state or a cache write, do not count)."""
         inside = self.inside.get(output.call.key, [])
-        return all(n in region for n in inside if n in self.data and n.users)
+        return all(n in region for n in inside if n in self.data and n in self.live)
+
+    def _carries(self, site: ResidualSite, output: ModuleOutput, region: set[fx.Node]) -> bool:
+        """A hook on ``output`` acts on ``site``'s branch alone: the call lies in the branch, or
+        the output is one leaf of a call that lies in the joint computation the branch is part
+        of (one attention over two streams returning each stream's part: only this stream's
+        leaf is dropped)."""
+        if self._within(output, region):
+            return True
+        joint = self.joint.get(site)
+        return output.leaf is not None and joint is not None and self._within(output, joint)
 
     def computed_by(self, tail: list[fx.Node], region: set[fx.Node]) -> str:
         """The largest module (not a drop path or identity) whose output is the branch."""
@@ -183,7 +204,7 @@ class _Planner:
         tail = branch_tail(site)
         named = self.computed_by(tail, region)
         holder = self._holder(site.owner)
-        found, unknown_batch = self._options(tail, region, holder, named)
+        found, unknown_batch = self._options(site, tail, region, holder, named)
         if found:
             return found
         if unknown_batch:
@@ -207,7 +228,12 @@ class _Planner:
         )
 
     def _options(
-        self, tail: list[fx.Node], region: set[fx.Node], holder: str | None, named: str
+        self,
+        site: ResidualSite,
+        tail: list[fx.Node],
+        region: set[fx.Node],
+        holder: str | None,
+        named: str,
     ) -> tuple[list[Attachment], list[str]]:
         """The attachments along ``tail``, best first, and the modules passed by because the
         batch dimension of their output is not known."""
@@ -219,7 +245,7 @@ class _Planner:
             batch_dim = batch_dim_of(node)
             for output in reversed(node.meta.get("module_outputs", [])):  # outermost first
                 path = output.call.path
-                if not path or not self._within(output, region):
+                if not path or not self._carries(site, output, region):
                     continue
                 if batch_dim is None:
                     unknown_batch.append(path)
@@ -261,7 +287,7 @@ class _Planner:
         must hold the samples in one dimension, since one decision covers them all."""
         region = set(site.branch_region)
         tails = self._terms(site, node)
-        options = [self._options(tail, region, holder, named)[0] for tail in tails]
+        options = [self._options(site, tail, region, holder, named)[0] for tail in tails]
         foreign = [
             bool(o) and o[0].kind is AttachKind.EXISTING and not self._ours(o[0]) for o in options
         ]
@@ -319,7 +345,7 @@ def plan_attachments(
     run: CapturedRun, sites: Sequence[ResidualSite]
 ) -> list[Attachment | NoAttachment]:
     """One attachment (or the reason there is none) per site of ``run``, in order."""
-    planner = _Planner(run)
+    planner = _Planner(run, joint_regions(sites))
     options = [planner.candidates(site) for site in sites]
     # a module fewer sites could use than it has calls can never carry them all: drop it first
     listed: Counter[str] = Counter()

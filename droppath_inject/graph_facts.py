@@ -169,6 +169,25 @@ def data_derived(graph: fx.Graph, shared: Collection[str] = ()) -> set[fx.Node]:
     return derived
 
 
+def live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value reaches the graph's output through the data flow (all, without one).
+
+    A value that reaches no output is dead in the run: an unused result, or a write into a
+    cache that nothing reads afterwards (Hugging Face Mamba's ``conv_state.copy_(...)``).
+    """
+    outputs = [node for node in graph.nodes if node.op == "output"]
+    if not outputs:
+        return set(graph.nodes)
+    live = set(outputs)
+    stack = list(outputs)
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in live:
+                live.add(parent)
+                stack.append(parent)
+    return live
+
+
 def rejoins_add(node: fx.Node, add: fx.Node) -> bool:
     """The rest of a branch whose first channels take the add, concatenated back with it:
     ReXNet's ``cat([x[:, :c] + shortcut, x[:, c:]], dim=1)``."""
@@ -193,6 +212,7 @@ class GraphFacts:
         self.shapes_known = any("tensor_meta" in n.meta for n in self.nodes)
         self._tensor: dict[fx.Node, bool] = {}
         self.data = data_derived(graph)  # nodes computed from a forward argument
+        self.live = live_nodes(graph)  # nodes whose value reaches the output
         self.parameters: set[fx.Node] = set()  # parameters and values computed from them alone
         for node in self.nodes:
             if node in self.data:
@@ -230,8 +250,9 @@ class GraphFacts:
         return [n for n in node.all_input_nodes if n in self.data and self.is_tensor(n)]
 
     def is_dead(self, node: fx.Node) -> bool:
-        """A value nothing reads: an unused output such as attention weights or an RNN state."""
-        return not node.users and node.op != "output"
+        """A value that reaches no output: an unused result such as attention weights or an RNN
+        state, or one only written into a cache that the run never reads again."""
+        return node not in self.live
 
     def is_sum(self, node: fx.Node) -> bool:
         """An elementwise add or subtraction."""

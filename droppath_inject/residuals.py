@@ -12,7 +12,7 @@ See docs/DESIGN.md.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from torch import fx, nn
@@ -38,9 +38,11 @@ class ResidualSite:
     from the fork on the way to the branch operand (inclusive), in execution order;
     ``existing_drop_path`` names a drop-path module already on the branch, if any;
     ``owner_call`` is the key of the owner's call in ``nn_module_stack``, ``weightless``
-    says the branch won on parameterized ops alone (no conv, linear, matmul or attention), and
+    says the branch won on parameterized ops alone (no conv, linear, matmul or attention),
     ``parallel_sums`` are the parallel sums in the branch region (the branch may be one), and
-    the sums written as ``torch.stack(terms).sum(dim=0)`` there.
+    the sums written as ``torch.stack(terms).sum(dim=0)`` there; ``feeds`` are the ops outside
+    the branch that read values it computes, each inside another residual's branch (the other
+    stream of a joint attention), empty for a closed branch.
     """
 
     add: fx.Node
@@ -55,6 +57,7 @@ class ResidualSite:
     owner_call: str = ""
     weightless: bool = False
     parallel_sums: frozenset[fx.Node] = frozenset()
+    feeds: frozenset[fx.Node] = frozenset()
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,22 +120,55 @@ def _region(facts: GraphFacts, fork: fx.Node, operand: fx.Node) -> list[fx.Node]
     return region
 
 
-def _is_closed(facts: GraphFacts, region: list[fx.Node], add: fx.Node) -> bool:
-    """No tensor computed inside ``region`` is used outside it (or returned) except by ``add``.
+def _leaks(facts: GraphFacts, region: list[fx.Node], add: fx.Node) -> frozenset[fx.Node]:
+    """The readers outside ``region`` (or the output) of tensors it computes, ``add`` aside.
 
-    Users that only read metadata (``x.shape``, ``x.size(0)``) and unused values (the
-    attention weights of ``out, _ = mha(q, k, v)``) are not leaks.
+    Users that only read metadata (``x.shape``, ``x.size(0)``) and dead values (the attention
+    weights of ``out, _ = mha(q, k, v)``, a write into a cache the run never reads) are not
+    leaks. A region with none is closed.
     """
     inside = set(region)
     inside.add(add)
-    return all(
-        user in inside
-        or writes_back(user, add)
-        or rejoins_add(user, add)
-        or (user.op != "output" and (not facts.is_tensor(user) or facts.is_dead(user)))
+    return frozenset(
+        user
         for node in region
         for user in node.users
+        if not (
+            user in inside
+            or writes_back(user, add)
+            or rejoins_add(user, add)
+            or (user.op != "output" and (not facts.is_tensor(user) or facts.is_dead(user)))
+        )
     )
+
+
+def _reads(facts: GraphFacts, node: fx.Node, value: fx.Node) -> bool:
+    """``node`` is computed from ``value`` (through tensors, parameters included)."""
+    start = facts.index[value]
+    seen = {node}
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current is value:
+            return True
+        for parent in facts.tensor_inputs(current):
+            if parent not in seen and facts.index[parent] >= start:
+                seen.add(parent)
+                stack.append(parent)
+    return False
+
+
+def _state_fork(facts: GraphFacts, a: fx.Node, b: fx.Node) -> fx.Node | None:
+    """An operand computed from parameters alone that the other operand reads: its own fork.
+
+    A class token or learned queries expanded to the batch share no data-derived ancestor with
+    the branch, yet ``x_cls + attn(cat(x_cls, x))`` (CaiT's first class-attention layer, a
+    Perceiver's or Q-Former's first layer) is a residual over them.
+    """
+    for state, other in ((a, b), (b, a)):
+        if _reads(facts, other, state):
+            return state
+    return None
 
 
 def _subtracts_parallel_paths(facts: GraphFacts, fork: fx.Node, region: list[fx.Node]) -> bool:
@@ -223,11 +259,12 @@ def _classify(facts: GraphFacts, add: fx.Node) -> ResidualSite | _ParallelSum | 
     a, b = operands
     if not _same_shape(facts, add, a, b):
         return None
-    fork = _latest_common_ancestor(facts, a, b)
+    fork = _latest_common_ancestor(facts, a, b) or _state_fork(facts, a, b)
     if fork is None:
         return None
     region_a, region_b = _region(facts, fork, a), _region(facts, fork, b)
-    if not (_is_closed(facts, region_a, add) and _is_closed(facts, region_b, add)):
+    leaks_a, leaks_b = _leaks(facts, region_a, add), _leaks(facts, region_b, add)
+    if leaks_a and leaks_b:
         return None
     depth_a, depth_b = (
         _chain_depth(facts, fork, r, facts.is_weight_op) for r in (region_a, region_b)
@@ -240,9 +277,11 @@ def _classify(facts: GraphFacts, add: fx.Node) -> ResidualSite | _ParallelSum | 
     if depth_a == depth_b:
         return None  # parallel branches of equal weight (RepVGG-style), or no weights at all
     if depth_a > depth_b:
-        branch, skip, branch_region, skip_region = a, b, region_a, region_b
+        branch, skip, branch_region, skip_region, feeds = a, b, region_a, region_b, leaks_a
     else:
-        branch, skip, branch_region, skip_region = b, a, region_b, region_a
+        branch, skip, branch_region, skip_region, feeds = b, a, region_b, region_a, leaks_b
+    if leaks_a | leaks_b != feeds:
+        return None  # the skip side is read elsewhere: a merge of two paths, not a residual
     if is_inplace_add(add) and branch is operands[0] and len(branch.users) > 1:
         return None  # the mutated branch is read after the add: no edge to cut
     if skip is not fork:
@@ -283,6 +322,7 @@ def _classify(facts: GraphFacts, add: fx.Node) -> ResidualSite | _ParallelSum | 
         existing_drop_path=existing,
         owner_call=_common_owner([add, *branch_region, *skip_region], _call_keys),
         weightless=weightless,
+        feeds=feeds,
     )
 
 
@@ -305,6 +345,64 @@ def _skipping_site(facts: GraphFacts, node: fx.Node) -> ResidualSite | None:
     )
 
 
+def _joint(
+    site: ResidualSite,
+    readers: dict[fx.Node, list[ResidualSite]],
+    regions: dict[ResidualSite, set[fx.Node]],
+) -> bool:
+    """Every op outside ``site``'s branch that reads its values lies in the branch of another
+    site (``readers``) whose branch does not contain ``site``'s add."""
+    return all(
+        any(other is not site and site.add not in regions[other] for other in readers.get(user, ()))
+        for user in site.feeds
+    )
+
+
+def _jointly_closed(sites: list[ResidualSite]) -> list[ResidualSite]:
+    """The sites whose branch is read outside itself only inside other sites' branches.
+
+    Two streams attending jointly (SD3's image and text tokens in one attention, its output
+    split back) each have a residual whose branch also computes part of the other's: neither
+    branch is closed alone, their union is. A site's branch values may feed another branch that
+    does not contain the site's add (a branch enclosing it would make the add a merge inside
+    that branch, as in Res2Net's split-and-add); the check is repeated until no site is dropped.
+    """
+    regions = {site: set(site.branch_region) for site in sites}
+    kept = sites
+    while True:
+        readers: dict[fx.Node, list[ResidualSite]] = {}
+        for site in kept:
+            for node in site.branch_region:
+                readers.setdefault(node, []).append(site)
+        remaining = [site for site in kept if not site.feeds or _joint(site, readers, regions)]
+        if len(remaining) == len(kept):
+            return kept
+        kept = remaining
+
+
+def joint_regions(sites: Sequence[ResidualSite]) -> dict[ResidualSite, frozenset[fx.Node]]:
+    """For each site whose branch feeds others (``feeds``), its branch region together with the
+    branch regions of the sites it feeds (as ``find_sites`` accepted them: not those enclosing
+    it): the whole of a joint computation, such as one attention call over two streams that
+    returns each stream's part."""
+    readers: dict[fx.Node, list[ResidualSite]] = {}
+    for site in sites:
+        for node in site.branch_region:
+            readers.setdefault(node, []).append(site)
+    joint = {}
+    for site in sites:
+        if site.feeds:
+            partners = {
+                other
+                for user in site.feeds
+                for other in readers.get(user, ())
+                if site.add not in other.branch_region  # not a branch enclosing the site
+            }
+            regions = (other.branch_region for other in (site, *partners))
+            joint[site] = frozenset(node for region in regions for node in region)
+    return joint
+
+
 def find_residual_sites(graph_module: fx.GraphModule) -> list[ResidualSite]:
     """Every residual add of a symbolically traced ``graph_module``, in execution order."""
     return find_sites(graph_module.graph, dict(graph_module.named_modules()))
@@ -322,9 +420,9 @@ def find_sites(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[ResidualS
         _classify(facts, node) if add_operands(node) is not None else _skipping_site(facts, node)
         for node in facts.nodes
     ]
-    sites = [site for site in found if isinstance(site, ResidualSite)]
     parallel = {site.add for site in found if isinstance(site, _ParallelSum)}
     parallel.update(node for node in facts.nodes if stacked_terms(node) is not None)
+    sites = _jointly_closed([site for site in found if isinstance(site, ResidualSite)])
     in_branches = {node for site in sites for node in site.branch_region}
     return [
         replace(site, parallel_sums=frozenset(parallel.intersection(site.branch_region)))
