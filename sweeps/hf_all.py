@@ -1,0 +1,385 @@
+"""Sweep every model type in transformers: the invariants of an injection, per model type.
+
+Each model type of ``CONFIG_MAPPING_NAMES`` with a base model class in ``MODEL_MAPPING_NAMES``
+is built from a small config (``hf_build``: 2 layers per stack, tiny widths, dropout off,
+random weights, constant-initialised parameters randomized), run on a dummy input for its main
+modality (batch 5, no other dimension of that size), injected at ``max_drop=0.1`` and checked
+(``hf_invariants``): eval outputs ``torch.equal`` (the package's verification and an
+independent comparison), train-mode outputs and gradients ``torch.equal`` at rate 0 under one
+seed, blocks equal to the config's layers (encoder + decoder, and the sub-configs the input
+runs through), the same number of sites in every layer of a stack, every decision per sample
+over the batch dimension, every residual site found given a DropPath, no exception but the
+package's own, and a ``DropPathWarning`` whenever sites are missing. Each model type runs in a
+process of its own under a time limit.
+
+    python -m sweeps.hf_all [--only t5,llama] [--out docs/SWEEP_HF_ALL.md] [--jobs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import multiprocessing
+import os
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from droppath_inject import DropPathWarning, SiteStatus, inject_droppath
+
+from . import hf_build
+from .hf_invariants import (
+    Check,
+    Verdict,
+    describe,
+    eval_output,
+    is_package_error,
+    row_decisions,
+    same_outputs,
+    same_training,
+    sites_per_layer,
+)
+from .placement import randomize_constant_parameters
+
+MAX_DROP = 0.1
+TIMEOUT_S = 60.0
+NOT_REACHED = "not reached"
+
+
+class Outcome(Enum):
+    """What became of one model type."""
+
+    PASSED = "passed"  # built, ran, every invariant holds
+    FAILED = "failed"  # built and ran, some invariant does not hold
+    NOT_BUILT = "not built"  # no small config builds, or it runs on no dummy input
+    NO_BASE_MODEL = "no base model"  # a config with no class in MODEL_MAPPING_NAMES
+    TIMED_OUT = "timed out"
+    CRASHED = "crashed"  # its process died without a result
+
+    @property
+    def built(self) -> bool:
+        return self in (Outcome.PASSED, Outcome.FAILED)
+
+
+@dataclass(frozen=True)
+class TypeResult:
+    """One model type's row: what was built, the layers and blocks, each check's verdict."""
+
+    model_type: str
+    outcome: Outcome
+    model_class: str = ""
+    reason: str = ""
+    inputs: str = ""
+    layers: tuple[int, ...] = ()
+    blocks: int | None = None
+    sites: dict[str, list[int]] = field(default_factory=dict)
+    verdicts: tuple[Verdict, ...] = ()
+    seconds: float = 0.0
+
+    def verdict(self, check: Check) -> Verdict | None:
+        return next((v for v in self.verdicts if v.check is check), None)
+
+    @property
+    def failures(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.passed is not True]
+
+
+class NoRunnableInput(Exception):
+    """The built model runs on none of the dummy inputs (the first one's error)."""
+
+
+class _Raw(Exception):
+    """An exception that is not the package's own, raised by injection or the injected model."""
+
+    def __init__(self, error: BaseException, during: str) -> None:
+        super().__init__(f"{describe(error)} ({during})")
+        self.error = error
+
+
+def _guarded(during: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``, its non-package exceptions wrapped as ``_Raw``."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as error:
+        if is_package_error(error):
+            raise
+        raise _Raw(error, during) from error
+
+
+def _prepare(model_type: str) -> tuple[Any, Any, hf_build.DummyInput, Any]:
+    """Build ``model_type`` and find an input it runs on (raises when it does not)."""
+    model, config = hf_build.build(model_type)
+    randomize_constant_parameters(model)
+    errors: list[str] = []
+    for dummy in hf_build.candidates(model, config):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                output = eval_output(model, dummy.kwargs)
+            return model, config, dummy, output
+        except Exception as error:  # noqa: BLE001 - the next candidate may run
+            errors.append(describe(error))
+    raise NoRunnableInput(errors[0] if errors else "no dummy input for its forward arguments")
+
+
+def sweep_type(model_type: str) -> TypeResult:
+    """Build, inject and check one model type (in this process; see ``run`` for a pool)."""
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    if hf_build.model_class(model_type) is None:
+        return TypeResult(model_type, Outcome.NO_BASE_MODEL,
+                          reason="no base model class in MODEL_MAPPING_NAMES")  # fmt: skip
+    try:
+        original, config, dummy, reference = _prepare(model_type)
+    except Exception as error:  # noqa: BLE001 - an unbuildable model is a row, not a stop
+        cls = hf_build.model_class(model_type)
+        why = f"forward: {error}" if isinstance(error, NoRunnableInput) else describe(error)
+        return TypeResult(model_type, Outcome.NOT_BUILT, cls.__name__ if cls else "", why)
+    result = TypeResult(model_type, Outcome.FAILED, type(original).__name__, "",
+                        dummy.describe(), hf_build.config_layers(config, dummy))  # fmt: skip
+    result = _checked(result, original, dummy.kwargs, reference)
+    passed = all(v.passed for v in result.verdicts)
+    reason = "; ".join(
+        f"{v.check.value}: {v.reason}" for v in result.failures if v.reason != NOT_REACHED
+    )
+    return replace(result, outcome=Outcome.PASSED if passed else Outcome.FAILED, reason=reason,
+                   seconds=time.perf_counter() - start)  # fmt: skip
+
+
+def _verdict(check: Check, holds: bool, reason: str) -> Verdict:
+    """A verdict whose reason is kept only when the check fails."""
+    return Verdict(check, holds, "" if holds else reason)
+
+
+def _checked(result: TypeResult, original: Any, kwargs: dict, reference: Any) -> TypeResult:
+    model = copy.deepcopy(original)
+    verdicts: list[Verdict] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, report = _guarded(
+                "injecting", inject_droppath, model, MAX_DROP, example_inputs=kwargs,
+                return_report=True,
+            )  # fmt: skip
+        warned = any(issubclass(w.category, DropPathWarning) for w in caught)
+        sites = sites_per_layer(report)
+        result = replace(result, blocks=report.num_blocks, sites=sites)
+        verified = report.verification is not None and report.verification.passed
+        after = _guarded("eval after injection", eval_output, model, kwargs)
+        equal = same_outputs(reference, after)
+        why = f"package verification {verified}, outputs equal {equal}"
+        verdicts.append(_verdict(Check.EVAL, verified and equal, why))
+        verdicts.append(_train_at_zero(original, kwargs))
+        layers = sum(result.layers)
+        why = f"{report.num_blocks} blocks, {layers} layers in the config"
+        verdicts.append(_verdict(Check.BLOCKS, report.num_blocks == layers > 0, why))
+        uneven = {stack: counts for stack, counts in sites.items() if len(set(counts)) > 1}
+        why = "; ".join(f"{s}: {c}" for s, c in uneven.items()) or "no sites"
+        verdicts.append(_verdict(Check.SAME_SITES, bool(sites) and not uneven, why))
+        skipped = [s for s in report.sites if s.status is SiteStatus.SKIPPED]
+        why = f"{len(skipped)} of {len(report.sites)} sites skipped" + "".join(
+            f" ({s.branch}: {s.detail})" for s in skipped[:1]
+        )
+        verdicts.append(_verdict(Check.ATTACHED, not skipped, why))
+        rows = "no DropPath"
+        if sites:
+            rows = _guarded("training at rates 1 and 0.5", row_decisions, model, kwargs,
+                            hf_build.BATCH)  # fmt: skip
+        verdicts.append(_verdict(Check.ROWS, not rows, rows))
+        missing = not sites or bool(skipped) or report.num_blocks < layers
+        why = f"{sum(map(len, sites.values()))} sites, {len(skipped)} skipped, no DropPathWarning"
+        verdicts.append(_verdict(Check.NO_SILENT, warned or not missing, why))
+        verdicts.append(Verdict(Check.NO_RAW, True))
+    except _Raw as raw:
+        verdicts.append(Verdict(Check.NO_RAW, False, str(raw)))
+    except Exception as error:  # noqa: BLE001 - the package's own: reported, other checks open
+        verdicts.append(Verdict(Check.NO_RAW, True))
+        verdicts.append(Verdict(Check.EVAL, None, f"package refused: {describe(error)}"))
+    done = {v.check for v in verdicts}
+    verdicts += [Verdict(c, None, NOT_REACHED) for c in Check if c not in done]
+    order = list(Check)
+    return replace(result, verdicts=tuple(sorted(verdicts, key=lambda v: order.index(v.check))))
+
+
+def _train_at_zero(original: Any, kwargs: dict) -> Verdict:
+    """Injected at rate 0, train-mode outputs and gradients equal the original's."""
+    plain = copy.deepcopy(original)
+    try:
+        train_step_ok = same_training(copy.deepcopy(original), plain, kwargs) == ""
+    except Exception as error:  # noqa: BLE001 - the model itself cannot train on this input
+        return Verdict(Check.TRAIN_ZERO, None, f"the original does not train: {describe(error)}")
+    if not train_step_ok:
+        return Verdict(Check.TRAIN_ZERO, None, "the original is not deterministic in train mode")
+    injected = copy.deepcopy(original)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DropPathWarning)
+        _guarded("injecting at rate 0", inject_droppath, injected, 0.0, example_inputs=kwargs)
+    differs = _guarded("training at rate 0", same_training, injected, plain, kwargs)
+    return Verdict(Check.TRAIN_ZERO, not differs, differs)
+
+
+# --- running many model types, each in a process of its own -------------------------------
+
+
+def _child(model_type: str, connection: Connection) -> None:
+    torch.set_num_threads(1)
+    try:
+        result = sweep_type(model_type)
+    except BaseException as error:  # noqa: BLE001 - reported as a crash of this model type
+        result = TypeResult(model_type, Outcome.CRASHED, reason=describe(error))
+    connection.send(result)
+    connection.close()
+
+
+def run(model_types: list[str], jobs: int = 1, timeout: float = TIMEOUT_S,
+        done: Callable[[list[TypeResult]], None] | None = None) -> list[TypeResult]:  # fmt: skip
+    """Sweep ``model_types``, ``jobs`` processes at a time, each stopped after ``timeout`` s;
+    ``done`` is called with the results so far after each one."""
+    context = multiprocessing.get_context("fork")
+    pending = list(model_types)
+    running: dict[str, tuple[Any, Connection, float]] = {}
+    results: dict[str, TypeResult] = {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            model_type = pending.pop(0)
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_child, args=(model_type, send), daemon=True)
+            process.start()
+            send.close()
+            running[model_type] = (process, receive, time.perf_counter())
+        for model_type, (process, receive, started) in list(running.items()):
+            result = None
+            if receive.poll():
+                try:
+                    result = receive.recv()
+                except EOFError:
+                    result = TypeResult(model_type, Outcome.CRASHED,
+                                        reason=f"exit code {process.exitcode}")  # fmt: skip
+            elif not process.is_alive():
+                result = TypeResult(model_type, Outcome.CRASHED,
+                                    reason=f"exit code {process.exitcode}")  # fmt: skip
+            elif time.perf_counter() - started > timeout:
+                process.kill()
+                result = TypeResult(model_type, Outcome.TIMED_OUT,
+                                    reason=f"over {timeout:.0f} s")  # fmt: skip
+            if result is not None:
+                process.join(5)
+                receive.close()
+                del running[model_type]
+                results[model_type] = result
+                print(_line(result), flush=True)
+                if done is not None:
+                    done([results[t] for t in model_types if t in results])
+        time.sleep(0.05)
+    return [results[t] for t in model_types]
+
+
+def all_model_types() -> list[str]:
+    """Every model type of transformers' config mapping."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return sorted(CONFIG_MAPPING_NAMES)
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+def _mark(verdict: Verdict | None) -> str:
+    if verdict is None or verdict.passed is None:
+        return "-"
+    return "✓" if verdict.passed else "✗"
+
+
+def _cell(text: str, limit: int = 300) -> str:
+    return text.replace("|", "/").replace("\n", " ")[:limit]
+
+
+def _sites(result: TypeResult) -> str:
+    return " / ".join(",".join(map(str, counts)) for counts in result.sites.values())
+
+
+def _line(result: TypeResult) -> str:
+    built = "yes" if result.outcome.built else result.outcome.value
+    layers = "+".join(map(str, result.layers)) if result.layers else "-"
+    blocks = "-" if result.blocks is None else str(result.blocks)
+    marks = " | ".join(_mark(result.verdict(check)) for check in Check)
+    return (f"| {result.model_type} | {result.model_class} | {built} | {layers} | {blocks} "
+            f"| {_sites(result)} | {marks} | {_cell(result.reason)} |")  # fmt: skip
+
+
+def _first_cause(result: TypeResult) -> str:
+    failure = result.failures[0]
+    return f"{failure.check.value}: {failure.reason}"
+
+
+def table(results: list[TypeResult]) -> str:
+    """The Markdown page: headline, failures by check, then one row per model type."""
+    import transformers
+
+    built = [r for r in results if r.outcome.built]
+    passing = [r for r in built if r.outcome is Outcome.PASSED]
+    with_class = [r for r in results if r.outcome is not Outcome.NO_BASE_MODEL]
+    lines = [
+        "# Every transformers model type: the invariants of an injection",
+        "",
+        f"**{len(passing)} of the {len(built)} model types that build pass every invariant** "
+        f"({len(with_class)} model types with a base model class, {len(results)} configs; "
+        f"transformers {transformers.__version__}, torch {torch.__version__}). "
+        "Regenerate with `python -m sweeps.hf_all --out docs/SWEEP_HF_ALL.md`; "
+        "how each check is made: `sweeps/hf_all.py`.",
+        "",
+        "| outcome | model types |",
+        "|---|---|",
+    ]
+    lines += [f"| {o.value} | {n} |" for o, n in Counter(r.outcome for r in results).items()]
+    lines += ["", "Failing checks among the model types that build (a type can fail several):",
+              "", "| check | failing | not checked |", "|---|---|---|"]  # fmt: skip
+    for check in Check:
+        verdicts = [r.verdict(check) for r in built]
+        failing = sum(v is not None and v.passed is False for v in verdicts)
+        open_ = sum(v is None or v.passed is None for v in verdicts)
+        lines.append(f"| {check.value} | {failing} | {open_} |")
+    header = " | ".join(check.value for check in Check)
+    lines += ["", "✓ holds, ✗ does not, - not checked (the reason says why). Layers: the "
+              "config's, per stack; sites per layer: per stack, in execution order.", "",
+              f"| model type | class | built | layers | blocks | sites per layer | {header} "
+              "| reason |",
+              "|" + "---|" * (7 + len(Check))]  # fmt: skip
+    lines += [_line(r) for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated model types (default: all)")
+    parser.add_argument("--out", type=Path, help="write the Markdown table here")
+    parser.add_argument("--jobs", type=int, default=1, help="processes at a time (default 1)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per model type")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    types = args.only.split(",") if args.only else all_model_types()
+    start = time.perf_counter()
+
+    def write(results: list[TypeResult]) -> None:
+        if args.out:
+            seconds = time.perf_counter() - start
+            swept = f"{len(results)} of {len(types)} swept in {seconds:.0f} s"
+            args.out.write_text(table(results) + f"\n{swept}.\n")
+
+    results = run(types, args.jobs, args.timeout, write)
+    write(results)
+    if not args.out:
+        print(table(results))
+
+
+if __name__ == "__main__":
+    main()
