@@ -2,15 +2,20 @@
 
 Each model type of ``CONFIG_MAPPING_NAMES`` with a base model class in ``MODEL_MAPPING_NAMES``
 is built from a small config (``hf_build``: 2 layers per stack, tiny widths, dropout off,
-random weights, constant-initialised parameters randomized), run on a dummy input for its main
-modality (batch 5, no other dimension of that size), injected at ``max_drop=0.1`` and checked
-(``hf_invariants``): eval outputs ``torch.equal`` (the package's verification and an
-independent comparison), train-mode outputs and gradients ``torch.equal`` at rate 0 under one
-seed, blocks equal to the config's layers (encoder + decoder, and the sub-configs the input
-runs through), the same number of sites in every layer of a stack, every decision per sample
-over the batch dimension, every residual site found given a DropPath, no exception but the
-package's own, and a ``DropPathWarning`` whenever sites are missing. Each model type runs in a
-process of its own under a time limit.
+random weights, constant-initialised parameters randomized), run on a dummy input for its
+main modality (batch 5, no other dimension of that size), injected at ``max_drop=0.1`` and
+checked (``hf_invariants``):
+
+- eval outputs ``torch.equal`` (the package's verification and an independent comparison);
+- at rate 0 (``set_drop_rates``), train-mode outputs and gradients ``torch.equal`` under one
+  seed;
+- blocks equal to the config's layers (encoder + decoder, and the sub-configs the input runs
+  through), the same number of sites in every layer of a stack;
+- every residual site found gets a DropPath, every decision is per sample over the batch
+  dimension;
+- no exception but the package's own, and a ``DropPathWarning`` whenever sites are missing.
+
+Each model type runs in a process of its own under a time limit.
 
     python -m sweeps.hf_all [--only t5,llama] [--out docs/SWEEP_HF_ALL.md] [--jobs 1]
 """
@@ -33,7 +38,7 @@ from typing import Any
 
 import torch
 
-from droppath_inject import DropPathWarning, SiteStatus, inject_droppath
+from droppath_inject import DropPathWarning, SiteStatus, inject_droppath, set_drop_rates
 
 from . import hf_build
 from .hf_invariants import (
@@ -47,7 +52,7 @@ from .hf_invariants import (
     same_training,
     sites_per_layer,
 )
-from .placement import randomize_constant_parameters
+from .placement import our_drop_paths, randomize_constant_parameters
 
 MAX_DROP = 0.1
 TIMEOUT_S = 60.0
@@ -177,7 +182,7 @@ def _checked(result: TypeResult, original: Any, kwargs: dict, reference: Any) ->
         equal = same_outputs(reference, after)
         why = f"package verification {verified}, outputs equal {equal}"
         verdicts.append(_verdict(Check.EVAL, verified and equal, why))
-        verdicts.append(_train_at_zero(original, kwargs))
+        verdicts.append(_train_at_zero(model, original, kwargs))
         layers = sum(result.layers)
         why = f"{report.num_blocks} blocks, {layers} layers in the config"
         verdicts.append(_verdict(Check.BLOCKS, report.num_blocks == layers > 0, why))
@@ -209,21 +214,25 @@ def _checked(result: TypeResult, original: Any, kwargs: dict, reference: Any) ->
     return replace(result, verdicts=tuple(sorted(verdicts, key=lambda v: order.index(v.check))))
 
 
-def _train_at_zero(original: Any, kwargs: dict) -> Verdict:
-    """Injected at rate 0, train-mode outputs and gradients equal the original's."""
-    plain = copy.deepcopy(original)
+def _train_at_zero(injected: Any, original: Any, kwargs: dict) -> Verdict:
+    """The injected model set to rate 0 (``set_drop_rates``) trains like the original: outputs
+    and gradients bitwise equal under one seed."""
+    at_zero = copy.deepcopy(injected)
+    if our_drop_paths(at_zero):
+        _guarded("setting rate 0", set_drop_rates, at_zero, 0.0)
     try:
-        train_step_ok = same_training(copy.deepcopy(original), plain, kwargs) == ""
-    except Exception as error:  # noqa: BLE001 - the model itself cannot train on this input
-        return Verdict(Check.TRAIN_ZERO, None, f"the original does not train: {describe(error)}")
-    if not train_step_ok:
+        differs = _guarded("training at rate 0", same_training, at_zero, copy.deepcopy(original),
+                           kwargs)  # fmt: skip
+    except _Raw:
+        try:  # the model itself may not train on this input
+            same_training(copy.deepcopy(original), copy.deepcopy(original), kwargs)
+        except Exception as error:  # noqa: BLE001 - then the check cannot be made
+            why = f"the original does not train: {describe(error)}"
+            return Verdict(Check.TRAIN_ZERO, None, why)
+        raise
+    if differs and same_training(copy.deepcopy(original), copy.deepcopy(original), kwargs):
         return Verdict(Check.TRAIN_ZERO, None, "the original is not deterministic in train mode")
-    injected = copy.deepcopy(original)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DropPathWarning)
-        _guarded("injecting at rate 0", inject_droppath, injected, 0.0, example_inputs=kwargs)
-    differs = _guarded("training at rate 0", same_training, injected, plain, kwargs)
-    return Verdict(Check.TRAIN_ZERO, not differs, differs)
+    return _verdict(Check.TRAIN_ZERO, not differs, differs)
 
 
 # --- running many model types, each in a process of its own -------------------------------

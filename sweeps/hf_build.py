@@ -41,6 +41,7 @@ _INTS: dict[str, int] = {
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "encoder_attention_heads",
                      "decoder_attention_heads", "num_heads"), 4),
     "num_key_value_heads": 2, "head_dim": 8, "d_kv": 8, "num_experts": 4, "num_local_experts": 4,
+    "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
     "image_size": IMAGE, "patch_size": 4, "max_source_positions": 16,
 }  # fmt: skip
 _WIDTHS = {"hidden_size", "d_model", "n_embd", "embed_dim", "dim", "num_attention_heads",
@@ -48,7 +49,7 @@ _WIDTHS = {"hidden_size", "d_model", "n_embd", "embed_dim", "dim", "num_attentio
 _LAYER_KEYS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "depth")
 _ENCODER_KEYS = ("encoder_layers", "num_encoder_layers")
 _DECODER_KEYS = ("decoder_layers", "num_decoder_layers")
-_DROPOUT_WORDS = ("dropout", "layerdrop", "drop_path", "drop_prob")
+_DROPOUT_WORDS = ("dropout", "layerdrop", "drop_path", "prob")  # mask_time_prob: SpecAugment
 SMALL_VOCAB = 128
 MAX_PARAMETERS = 30_000_000
 

@@ -7,12 +7,14 @@ dimension their decisions vary over); none trusts the package's report alone.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import numpy
 import torch
 from torch import Tensor, nn
 
@@ -85,6 +87,8 @@ def train_step(model: nn.Module, kwargs: dict[str, Tensor], seed: int = 0) -> tu
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
+    random.seed(seed)
+    numpy.random.seed(seed)
     output = model(**kwargs)
     live = [t for t in tensors(output) if t.requires_grad]
     if not live:
@@ -201,6 +205,8 @@ def row_decisions(model: nn.Module, kwargs: dict[str, Tensor], batch: int, tries
             for seed in range(tries):
                 torch.manual_seed(seed)
                 model(**kwargs)
+                if wrong or all(seen.values()):
+                    break
         finally:
             for handle in handles:
                 handle.remove()
