@@ -88,7 +88,7 @@ def _result(model_type: str) -> Any:
 
 
 def test_checks_are_the_sweeps() -> None:
-    assert CHECKS == tuple(check.value for check in _sweep().Check)
+    assert tuple(check.value for check in _sweep().Check) == CHECKS
 
 
 def _cases() -> list[Any]:
@@ -114,3 +114,27 @@ def test_layers_read_from_the_config(model_type: str) -> None:
     """The truth the blocks are held to: 2 layers per stack, as the small config sets them."""
     stacks = {"t5": (2, 2), "bart": (2, 2), "whisper": (2, 2), "clip": (2, 2), "convnext": (4,)}
     assert _result(model_type).layers == stacks.get(model_type, (2,))  # convnext: depths 1 x 4
+
+
+def _hang(model_type: str) -> Any:
+    import time
+
+    time.sleep(30)
+
+
+def _die(model_type: str) -> Any:
+    import os
+
+    os._exit(3)
+
+
+def test_a_hung_or_dying_model_type_does_not_stop_the_sweep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each model type runs in a forked process: one over the time limit is killed, one that
+    dies is reported, and the sweep goes on."""
+    sweep = _sweep()
+    for fake, outcome in ((_hang, sweep.Outcome.TIMED_OUT), (_die, sweep.Outcome.CRASHED)):
+        monkeypatch.setattr(sweep, "sweep_type", fake)
+        [result] = sweep.run(["llama"], timeout=1.0)
+        assert result.outcome is outcome, result
