@@ -26,6 +26,11 @@ import argparse
 import copy
 import multiprocessing
 import os
+import pickle
+import random
+import re
+import resource
+import signal
 import time
 import warnings
 from collections import Counter
@@ -56,7 +61,9 @@ from .placement import our_drop_paths, randomize_constant_parameters
 
 MAX_DROP = 0.1
 TIMEOUT_S = 60.0
+WALL_FACTOR = 10
 NOT_REACHED = "not reached"
+NO_CLASS = "no base model class in MODEL_MAPPING_NAMES"
 
 
 class Outcome(Enum):
@@ -140,8 +147,7 @@ def sweep_type(model_type: str) -> TypeResult:
     start = time.perf_counter()
     torch.manual_seed(0)
     if hf_build.model_class(model_type) is None:
-        return TypeResult(model_type, Outcome.NO_BASE_MODEL,
-                          reason="no base model class in MODEL_MAPPING_NAMES")  # fmt: skip
+        return TypeResult(model_type, Outcome.NO_BASE_MODEL, reason=NO_CLASS)
     try:
         original, config, dummy, reference = _prepare(model_type)
     except Exception as error:  # noqa: BLE001 - an unbuildable model is a row, not a stop
@@ -184,7 +190,8 @@ def _checked(result: TypeResult, original: Any, kwargs: dict, reference: Any) ->
         verdicts.append(_verdict(Check.EVAL, verified and equal, why))
         verdicts.append(_train_at_zero(model, original, kwargs))
         layers = sum(result.layers)
-        why = f"{report.num_blocks} blocks, {layers} layers in the config"
+        more = "more" if report.num_blocks > layers else "fewer"
+        why = f"{more} blocks than layers: {report.num_blocks} blocks, {layers} in the config"
         verdicts.append(_verdict(Check.BLOCKS, report.num_blocks == layers > 0, why))
         uneven = {stack: counts for stack, counts in sites.items() if len(set(counts)) > 1}
         why = "; ".join(f"{s}: {c}" for s, c in uneven.items()) or "no sites"
@@ -238,8 +245,10 @@ def _train_at_zero(injected: Any, original: Any, kwargs: dict) -> Verdict:
 # --- running many model types, each in a process of its own -------------------------------
 
 
-def _child(model_type: str, connection: Connection) -> None:
+def _child(model_type: str, connection: Connection, cpu_seconds: float) -> None:
     torch.set_num_threads(1)
+    limit = int(cpu_seconds) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (limit, limit + 5))  # SIGXCPU past the limit
     try:
         result = sweep_type(model_type)
     except BaseException as error:  # noqa: BLE001 - reported as a crash of this model type
@@ -248,19 +257,37 @@ def _child(model_type: str, connection: Connection) -> None:
     connection.close()
 
 
-def run(model_types: list[str], jobs: int = 1, timeout: float = TIMEOUT_S,
-        done: Callable[[list[TypeResult]], None] | None = None) -> list[TypeResult]:  # fmt: skip
-    """Sweep ``model_types``, ``jobs`` processes at a time, each stopped after ``timeout`` s;
-    ``done`` is called with the results so far after each one."""
+def _ended(model_type: str, exitcode: int | None, timeout: float) -> TypeResult:
+    """The row of a process that ended without a result."""
+    if exitcode == -signal.SIGXCPU:
+        return TypeResult(model_type, Outcome.TIMED_OUT, reason=f"over {timeout:.0f} s of CPU")
+    return TypeResult(model_type, Outcome.CRASHED, reason=f"exit code {exitcode}")
+
+
+def run(
+    model_types: list[str],
+    jobs: int = 1,
+    timeout: float = TIMEOUT_S,
+    done: Callable[[list[TypeResult]], None] | None = None,
+) -> list[TypeResult]:
+    """Sweep ``model_types``, ``jobs`` processes at a time, each stopped after ``timeout`` s
+    of CPU time (or ``WALL_FACTOR`` times that of wall time: a shared machine is slow, a hung
+    model sleeps); ``done`` is called with the results so far after each one. Model types
+    without a base model class are answered here, without a process."""
     context = multiprocessing.get_context("fork")
-    pending = list(model_types)
-    running: dict[str, tuple[Any, Connection, float]] = {}
     results: dict[str, TypeResult] = {}
+    pending = []
+    for model_type in model_types:
+        if hf_build.model_class(model_type) is None:
+            results[model_type] = TypeResult(model_type, Outcome.NO_BASE_MODEL, reason=NO_CLASS)
+        else:
+            pending.append(model_type)
+    running: dict[str, tuple[Any, Connection, float]] = {}
     while pending or running:
         while pending and len(running) < jobs:
             model_type = pending.pop(0)
             receive, send = context.Pipe(duplex=False)
-            process = context.Process(target=_child, args=(model_type, send), daemon=True)
+            process = context.Process(target=_child, args=(model_type, send, timeout), daemon=True)
             process.start()
             send.close()
             running[model_type] = (process, receive, time.perf_counter())
@@ -270,15 +297,14 @@ def run(model_types: list[str], jobs: int = 1, timeout: float = TIMEOUT_S,
                 try:
                     result = receive.recv()
                 except EOFError:
-                    result = TypeResult(model_type, Outcome.CRASHED,
-                                        reason=f"exit code {process.exitcode}")  # fmt: skip
+                    process.join(5)
+                    result = _ended(model_type, process.exitcode, timeout)
             elif not process.is_alive():
-                result = TypeResult(model_type, Outcome.CRASHED,
-                                    reason=f"exit code {process.exitcode}")  # fmt: skip
-            elif time.perf_counter() - started > timeout:
+                result = _ended(model_type, process.exitcode, timeout)
+            elif time.perf_counter() - started > WALL_FACTOR * timeout:
                 process.kill()
-                result = TypeResult(model_type, Outcome.TIMED_OUT,
-                                    reason=f"over {timeout:.0f} s")  # fmt: skip
+                why = f"over {WALL_FACTOR * timeout:.0f} s of wall time"
+                result = TypeResult(model_type, Outcome.TIMED_OUT, reason=why)
             if result is not None:
                 process.join(5)
                 receive.close()
@@ -324,9 +350,30 @@ def _line(result: TypeResult) -> str:
             f"| {_sites(result)} | {marks} | {_cell(result.reason)} |")  # fmt: skip
 
 
-def _first_cause(result: TypeResult) -> str:
-    failure = result.failures[0]
-    return f"{failure.check.value}: {failure.reason}"
+def cause(verdict: Verdict) -> str:
+    """A failing verdict's reason with paths and numbers blanked, so that model types failing
+    the same way share it."""
+    text = re.sub(r"[A-Za-z_]\w*(\.\w+)+", "<path>", verdict.reason)
+    text = re.sub(r"\b(?<!<)[\w-]*(Model|Config|Layer|Block)\b", "<class>", text)
+    text = re.sub(r"\d+", "#", text)
+    return f"{verdict.check.value}: {text}"
+
+
+def causes(results: list[TypeResult]) -> list[tuple[str, list[str]]]:
+    """Each cause of a failed or open check among built model types, or of a model type not
+    built, with the model types it hits, most frequent first."""
+    hits: dict[str, list[str]] = {}
+    for result in results:
+        if result.outcome is Outcome.NO_BASE_MODEL:
+            continue
+        if not result.outcome.built:
+            why = re.sub(r"\d+", "#", result.reason)[:120]
+            hits.setdefault(f"{result.outcome.value}: {why}", []).append(result.model_type)
+            continue
+        for verdict in result.failures:
+            if verdict.reason != NOT_REACHED:
+                hits.setdefault(cause(verdict), []).append(result.model_type)
+    return sorted(hits.items(), key=lambda item: (-len(item[1]), item[0]))
 
 
 def table(results: list[TypeResult]) -> str:
@@ -356,13 +403,22 @@ def table(results: list[TypeResult]) -> str:
         failing = sum(v is not None and v.passed is False for v in verdicts)
         open_ = sum(v is None or v.passed is None for v in verdicts)
         lines.append(f"| {check.value} | {failing} | {open_} |")
+    built_causes = [(c, t) for c, t in causes(results) if not c.startswith(("not built", "timed"))]
+    lines += ["", "Causes among the model types that build (reasons with paths and numbers "
+              "blanked; a type can have several):", "", "| cause | types | examples |",
+              "|---|---|---|"]  # fmt: skip
+    lines += [f"| {_cell(c)} | {len(t)} | {', '.join(t[:4])} |" for c, t in built_causes]
+    unbuilt = [(c, t) for c, t in causes(results) if c.startswith(("not built", "timed"))]
+    lines += ["", "Why the others do not build or run (the first ten causes):", "",
+              "| cause | types | examples |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {_cell(c)} | {len(t)} | {', '.join(t[:4])} |" for c, t in unbuilt[:10]]
     header = " | ".join(check.value for check in Check)
     lines += ["", "✓ holds, ✗ does not, - not checked (the reason says why). Layers: the "
               "config's, per stack; sites per layer: per stack, in execution order.", "",
               f"| model type | class | built | layers | blocks | sites per layer | {header} "
               "| reason |",
               "|" + "---|" * (7 + len(Check))]  # fmt: skip
-    lines += [_line(r) for r in results]
+    lines += [_line(r) for r in sorted(results, key=lambda r: r.model_type.lower())]
     return "\n".join(lines) + "\n"
 
 
@@ -372,18 +428,31 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     parser.add_argument("--jobs", type=int, default=1, help="processes at a time (default 1)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per model type")
+    parser.add_argument("--save", type=Path, help="pickle the results here (after each type)")
+    parser.add_argument("--shuffle", action="store_true", help="sweep in a seeded random order")
+    parser.add_argument("--load", type=Path, help="only write the table of pickled results")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     types = args.only.split(",") if args.only else all_model_types()
+    if args.shuffle:  # a partial sweep is then a fair sample of the whole
+        random.Random(0).shuffle(types)
     start = time.perf_counter()
 
-    def write(results: list[TypeResult]) -> None:
+    def write(results: list[TypeResult], seconds: float | None = None) -> None:
+        seconds = time.perf_counter() - start if seconds is None else seconds
+        if args.save:
+            args.save.write_bytes(pickle.dumps((results, len(types), seconds)))
+        text = table(results) + f"\n{len(results)} of {len(types)} swept in {seconds:.0f} s.\n"
         if args.out:
-            seconds = time.perf_counter() - start
-            swept = f"{len(results)} of {len(types)} swept in {seconds:.0f} s"
-            args.out.write_text(table(results) + f"\n{swept}.\n")
+            args.out.write_text(text)
 
+    if args.load:
+        results, total, seconds = pickle.loads(args.load.read_bytes())
+        types = types if args.only else [""] * total
+        args.save = None
+        write(results, seconds)
+        return
     results = run(types, args.jobs, args.timeout, write)
     write(results)
     if not args.out:
