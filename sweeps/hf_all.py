@@ -192,7 +192,10 @@ def _checked(result: TypeResult, original: Any, kwargs: dict, reference: Any) ->
         layers = sum(result.layers)
         more = "more" if report.num_blocks > layers else "fewer"
         why = f"{more} blocks than layers: {report.num_blocks} blocks, {layers} in the config"
-        verdicts.append(_verdict(Check.BLOCKS, report.num_blocks == layers > 0, why))
+        if layers:
+            verdicts.append(_verdict(Check.BLOCKS, report.num_blocks == layers, why))
+        else:
+            verdicts.append(Verdict(Check.BLOCKS, None, "the config names no layer count"))
         uneven = {stack: counts for stack, counts in sites.items() if len(set(counts)) > 1}
         why = "; ".join(f"{s}: {c}" for s, c in uneven.items()) or "no sites"
         verdicts.append(_verdict(Check.SAME_SITES, bool(sites) and not uneven, why))
