@@ -77,11 +77,20 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _depths_key(config: Any) -> str | None:
+    """The attribute listing the layers of each stage, if the config has one."""
+    for key in ("depths", "block_sizes"):
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and value and all(map(_is_int, value)):
+            return key
+    return None
+
+
 def shrink(config: Any, widths: bool = True) -> Any:
     """``config`` with 2 layers per stack (and, with ``widths``, small sizes), dropout off."""
     staged = any(isinstance(getattr(config, k, None), (list, tuple)) for k in
                  ("hidden_sizes", "num_heads", "embed_dim", "depths"))  # fmt: skip
-    depths = isinstance(getattr(config, "depths", None), (list, tuple))
+    depths = _depths_key(config) is not None
     for key, value in _INTS.items():
         if not _is_int(getattr(config, key, None)):
             continue
@@ -89,10 +98,11 @@ def shrink(config: Any, widths: bool = True) -> Any:
             continue
         if depths and key in _LAYER_KEYS:  # ``depths`` counts them; these may alias num_stages
             continue
-        with contextlib.suppress(AttributeError):  # a read-only property derived from others
+        with contextlib.suppress(AttributeError, NotImplementedError):  # derived from others
             setattr(config, key, value)
-    if isinstance(getattr(config, "depths", None), (list, tuple)):
-        config.depths = [1] * len(config.depths)
+    if depths:
+        key = _depths_key(config)
+        setattr(config, key, [1] * len(getattr(config, key)))
     if widths and _is_int(getattr(config, "vocab_size", None)):
         config.vocab_size = max([SMALL_VOCAB, *(i + 1 for i in _token_ids(config) if i < 1 << 20)])
     for key, value in list(vars(config).items()):
@@ -111,9 +121,9 @@ def stack_layers(config: Any) -> tuple[int, ...]:
                     and getattr(config, k, 0)), None)  # fmt: skip
     single = next((getattr(config, k) for k in _LAYER_KEYS if _is_int(getattr(config, k, None))),
                   None)  # fmt: skip
-    depths = getattr(config, "depths", None)
-    if isinstance(depths, (list, tuple)) and depths and all(map(_is_int, depths)):
-        single = sum(depths)
+    key = _depths_key(config)
+    if key is not None:
+        single = sum(getattr(config, key))
     if encoder is None and decoder is not None:
         encoder = single
     stacks = (encoder, decoder) if decoder is not None else (encoder or single,)

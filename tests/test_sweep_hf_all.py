@@ -30,6 +30,7 @@ SUBSET = {
     "deberta": "encoder, disentangled relative attention",
     "t5": "encoder-decoder, sublayers in a ModuleList of their own",
     "bart": "encoder-decoder, post-norm",
+    "fsmt": "fairseq-style encoder-decoder, sequence-first (T, B, C) layers",
     "whisper": "audio encoder-decoder (input_features)",
     "wav2vec2": "audio encoder (input_values), convolutional position embedding",
     "vit": "vision transformer",
@@ -44,6 +45,7 @@ SUBSET = {
 _T5 = "issue 19 class 6: T5's sublayers split its layers into several blocks"
 _PARALLEL = "issue 19 class 1: a parallel block's residual is skipped, the MLP taken as skip"
 _MOE = "issue 19 class 3: the MoE block's DropPath decides per token ((B*T, H) rows)"
+_SEQUENCE_FIRST = "issue 19 class 4: sequence-first layers get one decision per time step"
 _MAMBA = "issue 19 class 5: the cache written inside the branch hides Mamba's residuals"
 _POSITIONS = "open: wav2vec2's convolutional position embedding (x + conv(x)) counts as a block"
 
@@ -53,6 +55,7 @@ KNOWN: dict[tuple[str, str], str] = {
     ("gpt_neox", "every site attached"): _PARALLEL,
     ("falcon", "every site attached"): _PARALLEL,
     ("qwen2_moe", "rows over batch"): _MOE,
+    ("fsmt", "rows over batch"): _SEQUENCE_FIRST,
     ("mamba", "blocks = layers"): _MAMBA,
     ("mamba", "same sites per layer"): _MAMBA,
     ("mamba", "rows over batch"): _MAMBA,
@@ -112,8 +115,9 @@ def test_invariant(model_type: str, check: str) -> None:
 @pytest.mark.parametrize("model_type", SUBSET)
 def test_layers_read_from_the_config(model_type: str) -> None:
     """The truth the blocks are held to: 2 layers per stack, as the small config sets them."""
-    stacks = {"t5": (2, 2), "bart": (2, 2), "whisper": (2, 2), "clip": (2, 2), "convnext": (4,)}
-    assert _result(model_type).layers == stacks.get(model_type, (2,))  # convnext: depths 1 x 4
+    two_stacks = {"t5", "bart", "fsmt", "whisper", "clip"}  # encoder + decoder, text + vision
+    expected = (4,) if model_type == "convnext" else (2, 2) if model_type in two_stacks else (2,)
+    assert _result(model_type).layers == expected  # convnext: depths 1 x 4 stages
 
 
 def _hang(model_type: str) -> Any:
