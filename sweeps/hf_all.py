@@ -23,7 +23,9 @@ Each model type runs in a process of its own under a time limit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import multiprocessing
 import os
 import pickle
@@ -62,6 +64,7 @@ from .placement import our_drop_paths, randomize_constant_parameters
 MAX_DROP = 0.1
 TIMEOUT_S = 60.0
 WALL_FACTOR = 10
+WARM_UP = "llama"
 NOT_REACHED = "not reached"
 NO_CLASS = "no base model class in MODEL_MAPPING_NAMES"
 
@@ -260,6 +263,13 @@ def _child(model_type: str, connection: Connection, cpu_seconds: float) -> None:
     connection.close()
 
 
+def _warm_up() -> None:
+    """Sweep one model type here first: every forked process then starts with torch's kernels
+    initialised and transformers' shared modules imported (about 4 s less per model type)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        sweep_type(WARM_UP)
+
+
 def _ended(model_type: str, exitcode: int | None, timeout: float) -> TypeResult:
     """The row of a process that ended without a result."""
     if exitcode == -signal.SIGXCPU:
@@ -285,6 +295,8 @@ def run(
             results[model_type] = TypeResult(model_type, Outcome.NO_BASE_MODEL, reason=NO_CLASS)
         else:
             pending.append(model_type)
+    if pending:
+        _warm_up()
     running: dict[str, tuple[Any, Connection, float]] = {}
     while pending or running:
         while pending and len(running) < jobs:
