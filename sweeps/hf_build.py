@@ -255,10 +255,12 @@ def candidates(model: nn.Module, config: Any) -> list[DummyInput]:
 
 
 def config_layers(config: Any, dummy: DummyInput) -> tuple[int, ...]:
-    """The layers of the stacks the input runs through: the config's own (encoder then
-    decoder), then those of the sub-configs its modalities name (text, vision, audio parts;
-    an encoder and a decoder sub-config)."""
+    """The layers of the stacks the input runs through: the config's own (encoder, then the
+    decoder where the input has decoder token ids), then those of the sub-configs its
+    modalities name (text, vision, audio parts; an encoder and a decoder sub-config)."""
     own = stack_layers(config)
+    if len(own) == 2 and "decoder" not in dummy.modalities:
+        own = own[:1]  # no decoder input: the encoder alone runs
     parts = sub_configs(config)
     used = [n for n in ("encoder", "text_config", "vision_config", "audio_config", "decoder")
             if n in parts and (n in dummy.modalities or n in ("encoder", "decoder"))]  # fmt: skip

@@ -75,8 +75,10 @@ def same_outputs(expected: Any, actual: Any) -> bool:
     return bool(left) and len(left) == len(right) and all(map(torch.equal, left, right))
 
 
-def eval_output(model: nn.Module, kwargs: dict[str, Tensor]) -> Any:
-    """The eval-mode output, without gradients."""
+def eval_output(model: nn.Module, kwargs: dict[str, Tensor], seed: int = 0) -> Any:
+    """The eval-mode output, without gradients, under ``seed`` (ViTMAE masks at random even in
+    eval mode)."""
+    torch.manual_seed(seed)
     with torch.no_grad():
         return model.eval()(**kwargs)
 
