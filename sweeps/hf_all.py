@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import io
 import multiprocessing
 import os
@@ -445,7 +446,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per model type")
     parser.add_argument("--save", type=Path, help="pickle the results here (after each type)")
     parser.add_argument("--shuffle", action="store_true", help="sweep in a seeded random order")
-    parser.add_argument("--load", type=Path, help="only write the table of pickled results")
+    parser.add_argument("--load", type=Path, nargs="+", help="write the table of saved results")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -462,11 +463,16 @@ def main() -> None:
         if args.out:
             args.out.write_text(text)
 
-    if args.load:
-        results, total, seconds = pickle.loads(args.load.read_bytes())
-        types = types if args.only else [""] * total
+    if args.load:  # later files override earlier ones, model type by model type
+        merged: dict[str, TypeResult] = {}
+        seconds = 0.0
+        for path in args.load:
+            results, _, spent = pickle.loads(path.read_bytes())
+            merged.update((r.model_type, r) for r in results)
+            seconds += spent
+        types = types if args.only else [""] * len(types)
         args.save = None
-        write(results, seconds)
+        write(list(merged.values()), seconds)
         return
     results = run(types, args.jobs, args.timeout, write)
     write(results)
@@ -474,5 +480,5 @@ def main() -> None:
         print(table(results))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # as sweeps.hf_all: results are pickled with its classes
+    importlib.import_module("sweeps.hf_all").main()

@@ -108,9 +108,29 @@ def shrink(config: Any, widths: bool = True) -> Any:
     for key, value in list(vars(config).items()):
         if any(word in key for word in _DROPOUT_WORDS) and isinstance(value, float):
             setattr(config, key, 0.0)
+    _shrink_rope_sections(config)
     for name, sub in sub_configs(config).items():
         setattr(config, name, shrink(sub, widths))
     return config
+
+
+def _shrink_rope_sections(config: Any) -> None:
+    """Multimodal rotary sections (``mrope_section``) rescaled to sum to half the head size."""
+    head_dim = getattr(config, "head_dim", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not _is_int(head_dim) and _is_int(heads) and _is_int(getattr(config, "hidden_size", None)):
+        head_dim = config.hidden_size // heads
+    default = None  # Qwen-VL models default to [16, 24, 24] where the config names none
+    if "mrope_section" in getattr(type(config), "ignore_keys_at_rope_validation", ()):
+        default = [16, 24, 24]
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = getattr(config, key, None)
+        sections = rope.get("mrope_section", default) if isinstance(rope, dict) else None
+        if not _is_int(head_dim) or not isinstance(sections, list) or not sections:
+            continue
+        half, total = head_dim // 2, sum(sections)
+        scaled = [max(1, round(s * half / total)) for s in sections[:-1]]
+        rope["mrope_section"] = [*scaled, max(1, half - sum(scaled))]
 
 
 def stack_layers(config: Any) -> tuple[int, ...]:
@@ -176,11 +196,14 @@ def build(model_type: str) -> tuple[nn.Module, Any]:
 class DummyInput:
     """Keyword arguments for one forward call, and which sub-configs they exercise."""
 
-    kwargs: dict[str, Tensor]
+    kwargs: dict[str, Any]
     modalities: tuple[str, ...]
 
     def describe(self) -> str:
-        return ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.kwargs.items())
+        return ", ".join(
+            f"{k} {tuple(v.shape)}" if isinstance(v, Tensor) else f"{k}={v}"
+            for k, v in self.kwargs.items()
+        )
 
 
 def _first_int(config: Any, keys: tuple[str, ...], default: int) -> int:
@@ -234,8 +257,9 @@ def candidates(model: nn.Module, config: Any) -> list[DummyInput]:
     mains: list[DummyInput] = []
     if main == "pixel_values" or (main not in parameters and "pixel_values" in parameters):
         mains.append(DummyInput({"pixel_values": _pixels(config)}, ("vision_config",)))
-    elif main == "input_values":
-        mains.append(DummyInput({"input_values": torch.randn(BATCH, AUDIO_SAMPLES)}, ("audio",)))
+    elif main == "input_values":  # a waveform: (B, N) or mono (B, 1, N)
+        mains += [DummyInput({"input_values": torch.randn(shape)}, ("audio",))
+                  for shape in ((BATCH, AUDIO_SAMPLES), (BATCH, 1, AUDIO_SAMPLES))]  # fmt: skip
     elif main == "input_features":
         mains += [DummyInput({"input_features": f}, ("audio_config",)) for f in
                   _audio_features(config)]  # fmt: skip
@@ -251,6 +275,8 @@ def candidates(model: nn.Module, config: Any) -> list[DummyInput]:
         decoder = token_ids(config, DECODER_TOKENS, seed=4)
         mains = [DummyInput({**m.kwargs, "decoder_input_ids": decoder}, m.modalities + ("decoder",))
                  for m in mains]  # fmt: skip
+    if "use_cache" in parameters:  # hybrid models shrunk to no attention layer need no cache
+        mains += [DummyInput({**m.kwargs, "use_cache": False}, m.modalities) for m in mains]
     return mains
 
 
