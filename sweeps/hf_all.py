@@ -64,7 +64,7 @@ from .placement import our_drop_paths, randomize_constant_parameters
 
 MAX_DROP = 0.1
 TIMEOUT_S = 60.0
-WALL_FACTOR = 10
+WALL_FACTOR = 3
 WARM_UP = "llama"
 NOT_REACHED = "not reached"
 NO_CLASS = "no base model class in MODEL_MAPPING_NAMES"
