@@ -434,7 +434,11 @@ def table(results: list[TypeResult]) -> str:
               f"| model type | class | built | layers | blocks | sites per layer | {header} "
               "| reason |",
               "|" + "---|" * (7 + len(Check))]  # fmt: skip
-    lines += [_line(r) for r in sorted(results, key=lambda r: r.model_type.lower())]
+    ordered = sorted(results, key=lambda r: r.model_type.lower())
+    lines += [_line(r) for r in ordered if r.outcome is not Outcome.NO_BASE_MODEL]
+    configs = [r.model_type for r in ordered if r.outcome is Outcome.NO_BASE_MODEL]
+    lines += ["", f"Configs with no base model class in `MODEL_MAPPING_NAMES` ({len(configs)}, "
+              "sub-configs and pipelines, not swept): " + ", ".join(configs) + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
