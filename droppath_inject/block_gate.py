@@ -58,8 +58,10 @@ class LayerGate:
         """The block's rate: its DropPaths share it (``set_drop_rates`` sets them together)."""
         return max((m.drop_prob for m in self.members), default=0.0)
 
-    def active(self, module: nn.Module) -> bool:
-        return module.training and self.drop_prob > 0.0
+    def active(self) -> bool:
+        """A decision is needed: some DropPath of the block trains at a rate above 0 (their
+        own mode decides, as for a DropPath that draws for itself)."""
+        return any(m.training and m.drop_prob > 0.0 for m in self.members)
 
     def draw(self, reference: Tensor) -> None:
         """Draw a new decision for a batch like ``reference`` (its ``batch_dim``, device)."""
@@ -81,7 +83,7 @@ class LayerGate:
 
     def __call__(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
         self.scale = self.rows = None
-        if not self.active(module):
+        if not self.active():
             return
         reference = _first_tensor(args, kwargs)
         if reference is None:

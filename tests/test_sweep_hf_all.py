@@ -42,23 +42,10 @@ SUBSET = {
     "mamba": "state-space layers writing a cache",
 }
 
-_T5 = "issue 19 class 6: T5's sublayers split its layers into several blocks"
-_PARALLEL = "issue 19 class 1: a parallel block's residual is skipped, the MLP taken as skip"
-_MOE = "issue 19 class 3: the MoE block's DropPath decides per token ((B*T, H) rows)"
-_SEQUENCE_FIRST = "issue 19 class 4: sequence-first layers get one decision per time step"
-_MAMBA = "issue 19 class 5: the cache written inside the branch hides Mamba's residuals"
 _POSITIONS = "open: wav2vec2's convolutional position embedding (x + conv(x)) counts as a block"
 
 #: (model type, check value) -> why it does not hold today
 KNOWN: dict[tuple[str, str], str] = {
-    ("t5", "blocks = layers"): _T5,
-    ("gpt_neox", "every site attached"): _PARALLEL,
-    ("falcon", "every site attached"): _PARALLEL,
-    ("qwen2_moe", "rows over batch"): _MOE,
-    ("fsmt", "rows over batch"): _SEQUENCE_FIRST,
-    ("mamba", "blocks = layers"): _MAMBA,
-    ("mamba", "same sites per layer"): _MAMBA,
-    ("mamba", "rows over batch"): _MAMBA,
     ("wav2vec2", "blocks = layers"): _POSITIONS,
 }
 
