@@ -483,18 +483,28 @@ class _Layout:
         return self.find(atoms[0]) if len(atoms) == 1 else None
 
 
-def _input_batch(graph: fx.Graph, layout: _Layout, mixed: set[Atom]) -> Atom | None:
-    """The atom of the first used input's dimension that no op mixes: dimension 0 if it is
-    never mixed, else the only such dimension; None if there is none or the choice is open."""
+def _input_batches(graph: fx.Graph, layout: _Layout, mixed: set[Atom]) -> set[Atom]:
+    """The atoms of the inputs' batch dimensions: in each used input, the dimension no op mixes
+    (dimension 0 if it is never mixed, else the only such one). The first input decides the
+    batch size; later inputs count where theirs is the same (the text and image towers of a
+    CLIP get one batch each, linked by nothing but being the same samples). Empty if the first
+    input's choice is open."""
+    batches: set[Atom] = set()
+    size = None
     for node in graph.nodes:
         shape = _shape(node) if node.op == "placeholder" and node.users else None
         if not shape:
             continue
         free = [d for d in range(len(shape)) if layout.single(node, d) not in mixed]
-        if free and (free[0] == 0 or len(free) == 1):
-            return layout.single(node, free[0])
-        return None
-    return None
+        atom = layout.single(node, free[0]) if free and (free[0] == 0 or len(free) == 1) else None
+        if size is None:
+            if atom is None:
+                return set()
+            size = shape[free[0]]
+        elif atom is None or shape[free[0]] != size:
+            continue
+        batches.add(atom)
+    return batches
 
 
 def record_batch_dims(graph: fx.Graph) -> None:
@@ -520,12 +530,10 @@ def record_batch_dims(graph: fx.Graph) -> None:
                 layout.link(node, dim, operand, operand_dim, new)
         mixed_axes += mixed
     mixed_atoms = {atom for node, dim in mixed_axes for atom in layout.mix(node, dim)}
-    batch = _input_batch(graph, layout, mixed_atoms)
+    batches = _input_batches(graph, layout, mixed_atoms)
     for node in graph.nodes:
         shape = _shape(node)
         if shape is None:
             continue
-        dims = [
-            d for d in range(len(shape)) if batch is not None and layout.single(node, d) == batch
-        ]
+        dims = [d for d in range(len(shape)) if layout.single(node, d) in batches]
         node.meta[BATCH_DIM] = BatchDim(dims[0] if len(dims) == 1 else None)
