@@ -85,6 +85,11 @@ def _traceable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return all(isinstance(leaf, Tensor) or _plain(leaf) for leaf in tree_leaves((args, kwargs)))
 
 
+def _hidden_state(output: Any) -> Tensor:
+    """The hidden state a block returns: its output, or the first element of a tuple of them."""
+    return output if isinstance(output, Tensor) else output[0]
+
+
 def _zero_term(module: nn.Module) -> Tensor | None:
     """``0 * sum(p[0])`` over the trainable parameters: zero gradients, as the mask gives."""
     if not torch.is_grad_enabled():
@@ -212,8 +217,7 @@ class LayerSkip:
         the other arguments are closed over, which dynamo lifts into the branches."""
 
         def kept(inner: Tensor) -> Tensor:
-            output = self.run(inner, *args[1:], **kwargs)
-            return output if isinstance(output, Tensor) else output[0]
+            return _hidden_state(self.run(inner, *args[1:], **kwargs))
 
         result: Tensor = torch.cond(scale[0] > 0, kept, self._dropped, (hidden,))
         return result
@@ -296,8 +300,7 @@ def cond_refusal(module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, 
         return "the call has arguments torch.cond cannot take"
 
     def kept(inner: Tensor) -> Tensor:
-        output = module.forward(inner, *args[1:], **kwargs)
-        return output if isinstance(output, Tensor) else output[0]
+        return _hidden_state(module.forward(inner, *args[1:], **kwargs))
 
     modes = [(m, m.training) for m in module.modules()]
     module.train()

@@ -142,17 +142,24 @@ def _leaks(facts: GraphFacts, region: list[fx.Node], add: fx.Node) -> frozenset[
     )
 
 
-def _reads(facts: GraphFacts, node: fx.Node, value: fx.Node) -> bool:
-    """``node`` is computed from ``value`` (through tensors, parameters included)."""
-    start = facts.index[value]
-    seen = {node}
-    stack = [node]
+def _reaches(
+    value: fx.Node,
+    target: fx.Node,
+    parents: Callable[[fx.Node], list[fx.Node]],
+    index: dict[fx.Node, int],
+    avoid: fx.Node | None = None,
+) -> bool:
+    """``value`` is computed from ``target`` through ``parents`` (an input relation), along a
+    path that does not pass through ``avoid``."""
+    start = index[target]
+    seen = {value}
+    stack = [value]
     while stack:
-        current = stack.pop()
-        if current is value:
+        node = stack.pop()
+        if node is target:
             return True
-        for parent in facts.tensor_inputs(current):
-            if parent not in seen and facts.index[parent] >= start:
+        for parent in parents(node):
+            if parent is not avoid and parent not in seen and index[parent] >= start:
                 seen.add(parent)
                 stack.append(parent)
     return False
@@ -166,7 +173,7 @@ def _state_fork(facts: GraphFacts, a: fx.Node, b: fx.Node) -> fx.Node | None:
     Perceiver's or Q-Former's first layer) is a residual over them.
     """
     for state, other in ((a, b), (b, a)):
-        if _reads(facts, other, state):
+        if _reaches(other, state, facts.tensor_inputs, facts.index):  # parameters included
             return state
     return None
 
@@ -181,22 +188,6 @@ def _subtracts_parallel_paths(facts: GraphFacts, fork: fx.Node, region: list[fx.
     )
 
 
-def _derived_avoiding(facts: GraphFacts, fork: fx.Node, value: fx.Node, avoid: fx.Node) -> bool:
-    """``value`` is computed from ``fork`` along a path that does not pass through ``avoid``."""
-    start = facts.index[fork]
-    seen = {value}
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if node is fork:
-            return True
-        for parent in facts.data_inputs(node):
-            if parent is not avoid and parent not in seen and facts.index[parent] >= start:
-                seen.add(parent)
-                stack.append(parent)
-    return False
-
-
 def _summed_with_parallel_path(facts: GraphFacts, fork: fx.Node, add: fx.Node) -> bool:
     """The add's result is summed with another value computed from ``fork`` beside it, as in
     MobileOne's ``out = conv_scale(x) + identity_bn(x); out += conv_kxk(x)``."""
@@ -204,7 +195,9 @@ def _summed_with_parallel_path(facts: GraphFacts, fork: fx.Node, add: fx.Node) -
         if not facts.is_sum(user):
             continue
         others = [n for n in facts.data_inputs(user) if n is not add]
-        if any(_derived_avoiding(facts, fork, other, add) for other in others):
+        if any(
+            _reaches(other, fork, facts.data_inputs, facts.index, avoid=add) for other in others
+        ):
             return True
     return False
 
@@ -345,6 +338,15 @@ def _skipping_site(facts: GraphFacts, node: fx.Node) -> ResidualSite | None:
     )
 
 
+def _branch_readers(sites: Sequence[ResidualSite]) -> dict[fx.Node, list[ResidualSite]]:
+    """The sites whose branch region holds each node."""
+    readers: dict[fx.Node, list[ResidualSite]] = {}
+    for site in sites:
+        for node in site.branch_region:
+            readers.setdefault(node, []).append(site)
+    return readers
+
+
 def _joint(
     site: ResidualSite,
     readers: dict[fx.Node, list[ResidualSite]],
@@ -370,10 +372,7 @@ def _jointly_closed(sites: list[ResidualSite]) -> list[ResidualSite]:
     regions = {site: set(site.branch_region) for site in sites}
     kept = sites
     while True:
-        readers: dict[fx.Node, list[ResidualSite]] = {}
-        for site in kept:
-            for node in site.branch_region:
-                readers.setdefault(node, []).append(site)
+        readers = _branch_readers(kept)
         remaining = [site for site in kept if not site.feeds or _joint(site, readers, regions)]
         if len(remaining) == len(kept):
             return kept
@@ -385,10 +384,7 @@ def joint_regions(sites: Sequence[ResidualSite]) -> dict[ResidualSite, frozenset
     branch regions of the sites it feeds (as ``find_sites`` accepted them: not those enclosing
     it): the whole of a joint computation, such as one attention call over two streams that
     returns each stream's part."""
-    readers: dict[fx.Node, list[ResidualSite]] = {}
-    for site in sites:
-        for node in site.branch_region:
-            readers.setdefault(node, []).append(site)
+    readers = _branch_readers(sites)
     joint = {}
     for site in sites:
         if site.feeds:
