@@ -49,7 +49,7 @@ from droppath_inject import (
 )
 
 MAX_DROP = 0.5
-SEEDS = (0, 1, 2, 3)
+SEEDS = (0, 1, 2)
 RTOL = 1e-5
 ATOL = 1e-5  # times the reference tensor's largest magnitude, at least 1
 MODES = ("row", "fixed", "batch")
@@ -289,11 +289,15 @@ def _plan(report: Report) -> tuple[int, list[tuple[str, int, float, SiteStatus]]
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", ZOO, ids=lambda e: e.spec)
 def test_zoo_plan_same_with_skip_compute(entry: ZooModel) -> None:
+    """Sites, blocks, rates and statuses are planned before verification (which only masks a
+    site it cannot prove), so both injections skip it here."""
     torch.manual_seed(0)
     case = sm.Case(entry.build(), torch.randn(2, *entry.input_size), lambda _: [])
     plans = []
     for skip in (False, True):
-        _, report = _inject(case, skip, max_drop=TIMM_DROP_PATH_RATE, schedule=_schedule(entry))
+        _, report = _inject(
+            case, skip, max_drop=TIMM_DROP_PATH_RATE, schedule=_schedule(entry), verify=False
+        )
         plans.append(_plan(report))
     assert plans[1] == plans[0]
 
@@ -362,12 +366,14 @@ ISSUE_CASES: dict[str, Callable[[], sm.Case]] = {
 }
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("name", tuple(ISSUE_CASES))
-def test_skip_compute_finds_the_sites_of_the_mask(name: str) -> None:
-    """Were 0 sites (ViT, Llama, vit-pytorch, PEFT) or a raw RuntimeError (BERT, x-transformers)."""
+def test_skip_compute_finds_the_sites_of_the_mask(name: str, granularity: str) -> None:
+    """Were 0 sites (ViT, Llama, vit-pytorch, PEFT) or a raw RuntimeError (BERT, x-transformers)
+    under branch granularity; block granularity must plan the same blocks too."""
     case = ISSUE_CASES[name]()
-    _, mask_report = _inject(case, False)
-    _, report = _inject(case, True)
+    _, mask_report = _inject(case, False, granularity=granularity)
+    _, report = _inject(case, True, granularity=granularity)
     assert len(mask_report.sites) > 0
     assert _plan(report) == _plan(mask_report)
 
