@@ -12,7 +12,10 @@ the mask, and its ``SkipPlan`` says why.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import Protocol
 
 from torch import nn
 
@@ -30,12 +33,29 @@ from .provenance import shared_arguments
 from .report import Site, SiteStatus, SkipCompute, SkipPlan
 
 
+class Switchable(Protocol):
+    """What skips and can be told to run masked instead (``enabled`` off)."""
+
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class Skipper:
+    """One branch or layer that skips: its name for people, its switch, and how to make it
+    mask for good (given the reason)."""
+
+    name: str
+    switch: Switchable
+    demote: Callable[[str], None]
+
+
 @dataclass
 class _Skipping:
     """One site's plan, and what was installed for it."""
 
     plan: BranchUnits | SkipPlan
     rows: BranchRows | None = None
+    block_index: int | None = None  # the layer skipped whole that holds the site
 
 
 def _kept_rows_plan(units: BranchUnits, mode: Mode, gather_batch_norm: bool) -> SkipPlan:
@@ -92,6 +112,7 @@ class BranchDrops:
             block = self.blocks.block_at(place[0])
             if block.handling is BlockHandling.SKIPPED:
                 skipping.plan = SkipPlan(SkipCompute.SKIPS_LAYER)
+                skipping.block_index = place[0]
                 return drop
             if not _encloses(block.module or "", units.scope):
                 skipping.plan = SkipPlan(
@@ -135,9 +156,31 @@ class BranchDrops:
         skipping.rows = None
         skipping.plan = SkipPlan(SkipCompute.MASKS, reason)
 
-    def skipping(self) -> dict[str, BranchRows]:
-        """The installed branches, by the module their DropPath is attached to."""
-        return {m: s.rows for m, s in self.sites.items() if s.rows is not None}
+    def skippers(self) -> list[Skipper]:
+        """What skips, for the check at injection: each branch running on its kept rows (by
+        the module its DropPath is attached to), and each layer skipped whole."""
+        found = [
+            Skipper(module, s.rows, partial(self.demote, module))
+            for module, s in self.sites.items()
+            if s.rows is not None
+        ]
+        if self.blocks is not None:
+            found += [
+                Skipper(
+                    self.blocks.block_at(index).module or "",
+                    layer,
+                    partial(self._demote_layer, index),
+                )
+                for index, layer in self.blocks.skips.items()
+            ]
+        return found
+
+    def _demote_layer(self, index: int, reason: str) -> None:
+        assert self.blocks is not None
+        self.blocks.demote(index, reason)
+        for skipping in self.sites.values():
+            if skipping.block_index == index:
+                skipping.plan = SkipPlan(SkipCompute.MASKS, reason)
 
     def plan_of(self, site: Site, attachment: Attachment | None) -> SkipPlan:
         """What the site's dropped branch costs, for its report line."""

@@ -167,6 +167,7 @@ class BlockDrops:
             for path, call in run_eval(model, inputs, modules)[1].items():
                 skipping[path].cond_refusal = cond_refusal(modules[path], call.args, call.kwargs)
         self._gates: dict[int, LayerGate] = {}
+        self.skips: dict[int, LayerSkip] = {}  # the blocks skipped whole, by block index
 
     def __call__(
         self, attacher: Attacher, attachment: Attachment, rate: float, place: tuple[int, int]
@@ -190,6 +191,7 @@ class BlockDrops:
         handle = module.register_forward_pre_hook(gate, with_kwargs=True)
         if block.handling is BlockHandling.SKIPPED:
             skip = install(module, gate, block.batch_norms, self.gather_batch_norm, block.shared)
+            self.skips[block.index] = skip
             skip.conditional = block.cond_refusal == ""
             if block.cond_refusal:
                 block.reason = f"compiled batch mode decides in Python: {block.cond_refusal}"
@@ -202,6 +204,13 @@ class BlockDrops:
 
         attacher.on_undo(undo)
         return gate
+
+    def demote(self, index: int, reason: str) -> None:
+        """Make a skipping block mask after all: the check at injection failed."""
+        skip = self.skips.pop(index)
+        uninstall(skip.module)
+        block = self.blocks[index]
+        block.handling, block.reason = BlockHandling.SHARED, f"masked: {reason}"
 
     def report(self) -> LayerDropReport:
         blocks = [

@@ -148,6 +148,7 @@ class LayerSkip:
         self.conditional = False  # compiled batch mode decides in torch.cond (``cond_refusal``)
         self.conditional_calls = 0  # compiled batch-mode calls deciding inside torch.cond
         self.last_refusal = ""
+        self.enabled = True  # off: the same decisions run masked (the check at injection)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         if self.previous is not None:
@@ -176,8 +177,8 @@ class LayerSkip:
         return (hidden,) + (None,) * (self.structure - 1)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        scale = self.gate.scale
-        if not self.module.training or scale is None or not args:
+        scale = self.gate.scale  # None unless the block's DropPaths train at a rate above 0
+        if not self.enabled or scale is None or not args:
             return self._full(args, kwargs)
         self._check_wrappers()
         hidden = args[0]

@@ -101,10 +101,11 @@ class Site:
 @dataclass(frozen=True)
 class SkipCheck:
     """The check at injection that skipping computes what the mask does (``skip_verify``):
-    how many branches it covered, how many mask after it, the training forwards and backwards
-    it ran, and the largest difference seen relative to each tensor's magnitude."""
+    how many skipping branches and layers it covered, how many mask after it, the training
+    forwards and backwards it ran, and the largest difference seen relative to each tensor's
+    magnitude."""
 
-    branches: int
+    checked: int
     demoted: int
     forwards: int
     largest_difference: float
@@ -112,7 +113,7 @@ class SkipCheck:
 
     def describe(self) -> str:
         return (
-            f"{self.branches - self.demoted} of {self.branches} skipping branches agree with "
+            f"{self.checked - self.demoted} of {self.checked} skipping branches or layers agree with "
             f"the mask under forced decisions (largest difference {self.largest_difference:.1e}"
             f" <= {self.tolerance:.0e}; {self.forwards} training forwards and backwards)"
         )

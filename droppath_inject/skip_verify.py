@@ -1,18 +1,18 @@
 """Proving at injection that skipping computes what the mask does, as eval is proved.
 
 With ``skip_compute=True`` each decision pattern below runs one training forward and
-backward of the example input twice, with every branch masked and with the branches running
-on their kept rows, the decisions forced (``LayerGate.forced``) so that both runs drop the
-same rows. Outputs and gradients (of the parameters and of floating-point inputs) must agree
-within ``TOLERANCE`` times each tensor's largest magnitude (at least ``FLOOR`` of the
-largest of all): kernels may round a smaller batch differently. Patterns: some rows dropped,
-some kept (the odd rows kept; row and fixed modes, batch of 2 or more), and every row
-dropped. The runs keep every module in eval mode except the DropPaths (dropout would draw
-differently for fewer rows, batch statistics differ by design), under a forked RNG, and put
-the modules' Python attributes back. Where the runs differ, or skipping raises, each branch
-is tried alone, and those that fail mask, with the reason. Cost: 2 forwards and backwards
-per pattern (so 4, or 2 in batch mode, or for a batch of 1), and 1 more per branch when
-something fails.
+backward of the example input twice, with every branch masked and with the branches (or
+layers) running on their kept rows, the decisions forced (``LayerGate.forced``) so that both
+runs drop the same rows. Outputs and gradients (of the parameters and of floating-point
+inputs) must agree within ``TOLERANCE`` times each tensor's largest magnitude (at least
+``FLOOR`` of the largest of all): kernels may round a smaller batch differently. Patterns:
+some rows dropped, some kept (the odd rows kept; row and fixed modes, batch of 2 or more),
+and every row dropped. The runs keep every module in eval mode except the DropPaths (dropout
+would draw differently for fewer rows, batch statistics differ by design), under a forked
+RNG, and put the modules' Python attributes back. Where the runs differ, or skipping raises,
+each branch or layer is tried alone, and those that fail mask, with the reason. Cost: 2
+forwards and backwards per pattern (so 4, or 2 in batch mode, or for a batch of 1), and 1
+more per branch or layer when something fails.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .block_gate import LayerGate
-from .branch_drops import BranchDrops
-from .branch_rows import BranchRows
+from .branch_drops import BranchDrops, Skipper
 from .inputs import ExampleInputs
 from .internals import forward_pre_hooks, tree_leaves, tree_map_tensors
 from .layers import DropPath
@@ -142,56 +141,54 @@ def _patterns(batch: int, mode: str) -> list[Callable[[int], Tensor]]:
 
 
 def _compare(
-    model: nn.Module,
-    inputs: ExampleInputs,
-    rows: dict[str, BranchRows],
-    enabled: set[str],
+    model: nn.Module, inputs: ExampleInputs, skippers: Sequence[Skipper], enabled: Sequence[Skipper]
 ) -> tuple[float, str]:
-    """Masked vs skipping (the ``enabled`` branches) under one forced decision: the largest
+    """Masked vs skipping (the ``enabled`` ones) under one forced decision: the largest
     difference, or the exception skipping raised."""
-    for branch in rows.values():
-        branch.enabled = False
+    for skipper in skippers:
+        skipper.switch.enabled = False
     expected = _run(model, inputs)
-    for name in enabled:
-        rows[name].enabled = True
+    for skipper in enabled:
+        skipper.switch.enabled = True
     try:
         actual = _run(model, inputs)
     except Exception as error:  # any failure of the skipping run means: mask
         return float("inf"), f"{type(error).__name__}: {error}"[:300]
     finally:
-        for branch in rows.values():
-            branch.enabled = True
+        for skipper in skippers:
+            skipper.switch.enabled = True
     return _difference(expected, actual), ""
 
 
 def check_skipping(model: nn.Module, inputs: ExampleInputs, branches: BranchDrops) -> SkipCheck:
-    """Run the check of the module docstring; branches that fail it mask after it."""
-    rows = branches.skipping()
+    """Run the check of the module docstring; what fails it masks after it."""
+    skippers = branches.skippers()
+    if not skippers:
+        return SkipCheck(0, 0, 0, 0.0, TOLERANCE)
     gates = _gates(model)
     leaves = [t for t in tree_leaves((inputs.args, inputs.kwargs)) if isinstance(t, Tensor)]
     batch = leaves[0].shape[0] if leaves and leaves[0].ndim else 0
-    forwards, worst, demoted = 0, 0.0, 0
-    if not rows:
-        return SkipCheck(0, 0, 0, 0.0, TOLERANCE)
+    forwards, worst, failed = 0, 0.0, 0
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     with python_state_kept(model), torch.random.fork_rng(devices=devices):
         for keep in _patterns(batch, branches.mode):
             with _forced(gates, keep):
-                difference, error = _compare(model, inputs, rows, set(rows))
+                difference, error = _compare(model, inputs, skippers, skippers)
                 forwards += 2
                 if difference <= TOLERANCE:
                     worst = max(worst, difference)
                     continue
-                for name in list(rows):
-                    alone, error = _compare(model, inputs, rows, {name})
+                for skipper in list(skippers):
+                    alone, error = _compare(model, inputs, skippers, [skipper])
                     forwards += 2
-                    if alone > TOLERANCE:
-                        reason = error or f"outputs or gradients differ by {alone:.2g}"
-                        branches.demote(name, f"skipping failed the check at injection ({reason})")
-                        del rows[name]
-                        demoted += 1
-                    else:
+                    if alone <= TOLERANCE:
                         worst = max(worst, alone)
-    for branch in rows.values():
-        branch.skipped_calls = branch.gathered_calls = branch.masked_calls = 0
-    return SkipCheck(len(rows) + demoted, demoted, forwards, worst, TOLERANCE)
+                        continue
+                    reason = error or f"outputs or gradients differ by {alone:.2g}"
+                    skipper.demote(f"skipping failed the check at injection ({reason})")
+                    skippers.remove(skipper)
+                    failed += 1
+    for skipper in skippers:
+        for counter in ("skipped_calls", "gathered_calls", "masked_calls"):
+            setattr(skipper.switch, counter, 0)
+    return SkipCheck(len(skippers) + failed, failed, forwards, worst, TOLERANCE)
