@@ -113,9 +113,10 @@ class SkipCheck:
 
     def describe(self) -> str:
         return (
-            f"{self.checked - self.demoted} of {self.checked} skipping branches or layers agree with "
-            f"the mask under forced decisions (largest difference {self.largest_difference:.1e}"
-            f" <= {self.tolerance:.0e}; {self.forwards} training forwards and backwards)"
+            f"{self.checked - self.demoted} of {self.checked} skipping branches or layers agree "
+            f"with the mask under forced decisions (largest difference "
+            f"{self.largest_difference:.1e} <= {self.tolerance:.0e}; {self.forwards} training "
+            "forwards and backwards)"
         )
 
 
