@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from droppath_inject import inject_droppath
-from droppath_inject.skipping import SkipCompute
+from droppath_inject.report import SkipCompute
 
 from .models import MODELS
 from .timing import Stat
@@ -33,7 +33,7 @@ from .timing import Stat
 #: The plans under which a dropped branch costs less than its mask.
 SKIPPING = frozenset(
     {
-        SkipCompute.SKIPS_DROPPED_BLOCKS,
+        SkipCompute.SKIPS_LAYER,
         SkipCompute.KEPT_ROWS,
         SkipCompute.KEPT_ROWS_BATCH_NORM_GATHERED,
         SkipCompute.KEPT_ROWS_UNLESS_BATCH_NORM_TRAINS,

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from .attach import AttachKind, Attachment
-from .block_gate import BlockDropPath, LayerGate, SumGate
+from .block_gate import BlockDropPath, LayerGate, ResidualGate
 from .droppaths import drop_path_rate_of, set_drop_path_rate
 from .internals import remove_forward_hooks, tree_flatten, tree_unflatten
 from .layers import DropPath, Mode
@@ -98,7 +98,7 @@ class Attacher:
     model: nn.Module
     mode: Mode
     rerate_existing: bool = True
-    make_drop: Callable[[Attacher, float, tuple[int, int]], DropPath] | None = None
+    make_drop: Callable[[Attacher, Attachment, float, tuple[int, int]], DropPath] | None = None
     _undo: list[Callable[[], None]] = field(default_factory=list)
     _done: dict[tuple[str, int | None], Outcome] = field(default_factory=dict)
 
@@ -118,7 +118,7 @@ class Attacher:
             for part in attachment.parts:  # this package's DropPaths of a parallel sum
                 self._existing(part, rate, place)
         else:
-            drop = self._new_drop(rate, place)
+            drop = self._new_drop(attachment, rate, place)
             drops = [drop] if not attachment.parts else self._shared(attachment, drop, rate)
             for part, each in zip(parts, drops, strict=True):
                 each.batch_dim = part.batch_dim
@@ -128,23 +128,26 @@ class Attacher:
             self._done[(part.module, part.leaf)] = outcome
         return outcome
 
-    def _new_drop(self, rate: float, place: tuple[int, int]) -> DropPath:
+    def _new_drop(self, attachment: Attachment, rate: float, place: tuple[int, int]) -> DropPath:
         if self.make_drop is None:
             return DropPath(rate, self.mode)
-        return self.make_drop(self, rate, place)
+        return self.make_drop(self, attachment, rate, place)
 
     def _shared(self, attachment: Attachment, drop: DropPath, rate: float) -> list[DropPath]:
         """DropPaths for every term of a parallel sum, following one decision: the block's
-        (``drop``'s gate) under block granularity, else a ``SumGate`` on the add's owner."""
+        (``drop``'s gate) under block granularity, else a ``ResidualGate`` on the add's owner."""
         if isinstance(drop, BlockDropPath):
             gate: LayerGate = drop.gate
         else:
-            gate = SumGate(self.mode, batch_dim=attachment.batch_dim)
+            gate = ResidualGate(self.mode, batch_dim=attachment.batch_dim)
             owner = self.model.get_submodule(attachment.holder)
             handle = owner.register_forward_pre_hook(gate, with_kwargs=True)
             self._undo.append(handle.remove)
             drop = BlockDropPath(gate, rate, self.mode)
-        return [drop, *(BlockDropPath(gate, rate, self.mode) for _ in attachment.parts)]
+        parts = [BlockDropPath(gate, rate, self.mode) for _ in attachment.parts]
+        for part in parts:  # every term's value runs on the kept rows where the branch does
+            part.branch_rows = getattr(drop, "branch_rows", None)
+        return [drop, *parts]
 
     def _place(self, attachment: Attachment, drop: DropPath, place: tuple[int, int]) -> None:
         """Put ``drop`` in a slot or on a hook, as ``attachment`` says."""
