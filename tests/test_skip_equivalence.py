@@ -36,6 +36,7 @@ import torch
 from helpers import skip_models as sm
 from test_zoo import TIMM_DROP_PATH_RATE, ZOO, ZooModel, _schedule, _timm_drop_paths_in_call_order
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from droppath_inject import (
     BlockHandling,
@@ -255,12 +256,49 @@ def _report_branch_modules(model: nn.Module, report: Report) -> list[nn.Module]:
     return [modules[s.branch] for s in report.sites if site_skips(s) and s.branch in modules]
 
 
+def _flops_in(model: nn.Module, modules: list[nn.Module], inputs: Any) -> list[int]:
+    """FLOPs (matmuls, convolutions, attention) that one forward computes inside each module:
+    the counter's total between the module's pre-hook and its forward hook, summed over calls."""
+    flops = [0] * len(modules)
+    with FlopCounterMode(display=False) as counter:
+        started: dict[int, list[int]] = {}
+
+        def before(index: int) -> Callable[..., None]:
+            return lambda *_: started.setdefault(index, []).append(counter.get_total_flops())
+
+        def after(index: int) -> Callable[..., None]:
+            def add(*_: Any) -> None:
+                flops[index] += counter.get_total_flops() - started[index].pop()
+
+            return add
+
+        handles = [
+            h
+            for i, m in enumerate(modules)
+            for h in (m.register_forward_pre_hook(before(i)), m.register_forward_hook(after(i)))
+        ]
+        try:
+            sm.call(model, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return flops
+
+
+def _inside(modules: list[nn.Module]) -> list[nn.Module]:
+    """The submodules of ``modules`` (without themselves): they run only if their forward does."""
+    return [sub for m in modules for sub in m.modules() if sub is not m]
+
+
 @pytest.mark.parametrize("mode", ("batch", "fixed"))
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("name", _model_params(MODELS))
 def test_rate_one_runs_no_branch(name: str, granularity: str, mode: str) -> None:
     """At rate 1 (fixed keeps 0 rows of B) in train mode no attention, MLP or convolution of a
-    branch is called; in eval every one is."""
+    branch computes: no FLOPs inside them, no call of their submodules; in eval all compute.
+
+    The branch modules themselves are still called by their parent's code (their ``forward``
+    does not run, so their own hooks fire with an empty batch): counted apart, and reported."""
     case = sm.BUILDERS[name]()
     model, report = _inject(
         case, True, max_drop=1.0, schedule="uniform", mode=mode, granularity=granularity
@@ -268,12 +306,14 @@ def test_rate_one_runs_no_branch(name: str, granularity: str, mode: str) -> None
     assert all(s.rate == 1.0 for s in report.sites)
     assert_skips_something(report)
     library = case.branch_modules(model)
-    reported = _report_branch_modules(model, report)
-    with _calls(library + reported) as counts:
-        sm.call(_train(model, case.batch_norm), case.inputs)
+    branches = library + _report_branch_modules(model, report)
+    with _calls(_inside(branches)) as counts:
+        flops = _flops_in(_train(model, case.batch_norm), branches, case.inputs)
+    assert flops == [0] * len(flops)
     assert counts == [0] * len(counts)
-    with _calls(library + reported) as counts, torch.no_grad():
-        sm.call(model.eval(), case.inputs)
+    with _calls(branches) as counts, torch.no_grad():
+        flops = _flops_in(model.eval(), library, case.inputs)
+    assert all(f > 0 for f in flops), flops
     assert all(c > 0 for c in counts), counts
 
 
@@ -396,12 +436,15 @@ class _Conditioned(nn.Module):
 
 
 class _Plain(nn.Module):
+    """``x + fc2(relu(fc1(x)))``: per-sample Python between module calls, on the branch's own
+    values only (the kept rows already hold them)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.fc = nn.Linear(sm.DIM, sm.DIM)
+        self.fc1, self.fc2 = nn.Linear(sm.DIM, sm.DIM), nn.Linear(sm.DIM, sm.DIM)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.fc(torch.relu(x))
+        return x + self.fc2(torch.relu(self.fc1(x)))
 
 
 class _TimeConditioned(nn.Module):
@@ -434,6 +477,33 @@ def test_unsafe_site_masks_with_reason_and_warning() -> None:
     assert site_skips(report.sites[0]) and site_skips(report.sites[2])
     messages = [str(w.message) for w in caught if issubclass(w.category, DropPathWarning)]
     masking = [m for m in messages if "mask" in m.lower()]
-    assert len(masking) == 1 and re.search(r"\b1\b", masking[0]), messages
+    assert len(masking) == 1, messages
+    assert re.search(r"(?<![\w.])1(?![\w.])", masking[0]), masking  # the count: one site
     seen = compare_training(masked, skipping, inputs, batch_norm_eval=False)
+    assert seen["dropped"] > 0 and seen["kept"] > 0
+
+
+class _PreActivated(nn.Module):
+    """``x + fc(relu(x))``: an activation written inline on the fork before the branch's only
+    module call; the call's argument holds the batch, so it can be gathered there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(sm.DIM, sm.DIM)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.fc(torch.relu(x))
+
+
+def test_inline_op_before_the_first_module_call_skips() -> None:
+    """Row-wise Python on the fork before the first module call needs no gathering of its own:
+    the module call's argument is gathered (the mask computes the op on all rows too)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_PreActivated(), _PreActivated())
+    case = sm.Case(model, torch.randn(sm.BATCH, sm.DIM), lambda _: [])
+    masked, _ = _inject(case, False, max_drop=0.5, schedule="uniform")
+    skipping, report = _inject(case, True, max_drop=0.5, schedule="uniform")
+    assert len(report.sites) == 2
+    assert all(site_skips(s) for s in report.sites), [s.skip_compute for s in report.sites]
+    seen = compare_training(masked, skipping, case.inputs, batch_norm_eval=False)
     assert seen["dropped"] > 0 and seen["kept"] > 0
