@@ -142,6 +142,12 @@ class BranchDrops:
         attacher.on_undo(lambda: _uninstall_all(modules))
         return drop
 
+    def replaces_existing(self, attachment: Attachment) -> bool:
+        """Whether another library's drop path on this site gives way to a DropPath that
+        follows a decision drawn before the branch runs (its branch can skip)."""
+        skipping = self.sites.get(attachment.module)
+        return skipping is not None and isinstance(skipping.plan, BranchUnits)
+
     def demote(self, module: str, reason: str) -> None:
         """Make a site mask after all (its units taken out): the check at injection failed."""
         skipping = self.sites[module]
@@ -190,7 +196,8 @@ class BranchDrops:
             existing = self.model.get_submodule(attachment.module)
             if not (isinstance(existing, BlockDropPath) and existing.branch_rows is not None):
                 return SkipPlan(
-                    SkipCompute.MASKS, "a drop path already there draws its own decisions"
+                    SkipCompute.MASKS,
+                    "a drop path already there draws its own decisions (existing='keep')",
                 )
         plan = self.sites[attachment.module].plan
         if isinstance(plan, BranchUnits):
