@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import DropPathInjectError, DropPathWarning
-from .internals import BATCH_NORM_BASE, tree_flatten, tree_leaves, tree_map_tensors
+from .internals import BATCH_NORM_BASE, tree_flatten, tree_map_tensors
 from .layer_skip import zero_term
 from .layers import Mode
 from .python_state import python_state_kept, training_mode
@@ -161,6 +161,17 @@ def _split(value: Any, rows: Tensor, batch: int, unit: BranchUnit) -> Any:
     raise Refused(f"an argument of type {type(value).__name__} cannot be split by rows")
 
 
+def _without_caches(value: Any) -> Any:
+    """``value`` with the caches among its arguments (or their elements) replaced by None."""
+    if is_cache(value):
+        return None
+    if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
+        return type(value)(_without_caches(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _without_caches(v) for k, v in value.items()}
+    return value
+
+
 def _one_row(tensor: Tensor) -> Tensor:
     """A value of the branch holding no rows, as one row of zeros (for its shape only)."""
     if tensor.ndim and tensor.shape[0] == 0:
@@ -244,15 +255,12 @@ class BranchUnit:
         """What the unit returns for no rows, learned once per argument shape: its output for
         one row (the first sample; zeros for values of the branch, which hold none), cut to
         none, computed in eval mode, without gradients, RNG draws or changes to its Python
-        state (code reshaping with ``-1`` fails on an empty batch). A unit given a cache is
-        run on no rows instead, since one row would be written into the cache."""
+        state (code reshaping with ``-1`` fails on an empty batch). A cache argument is left
+        out (``None``): the one row is not written into it, and a skipped branch writes nothing,
+        as a skipped layer does (only a cache that holds nothing for the layer yet is passed)."""
         gate = self.branch.gate
-        if any(is_cache(leaf) for leaf in tree_leaves((args, kwargs))):
-            rows = torch.empty(0, dtype=torch.long, device=gate.device)
-            inner_args, inner_kwargs = self._split(args, kwargs, rows)
-            with training_mode(self.module, False), torch.no_grad():
-                return self.run(*inner_args, **inner_kwargs)
         first = torch.zeros(1, dtype=torch.long, device=gate.device)
+        args, kwargs = _without_caches(args), _without_caches(kwargs)
         inner_args, inner_kwargs = tree_map_tensors(_one_row, self._split(args, kwargs, first))
         devices = [gate.device] if gate.device.type == "cuda" else []
         with (
