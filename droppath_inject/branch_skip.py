@@ -188,6 +188,14 @@ class _Planner:
             # whatever rows it is given, and is no unit
         if not paths:
             return SkipPlan(SkipCompute.MASKS, "no module call of the branch runs once")
+        for module in attachment.modules:
+            outer = next((p for p in paths if module.startswith(p + ".")), None)
+            if outer is not None:
+                return SkipPlan(
+                    SkipCompute.MASKS,
+                    f"its DropPath acts on {module}, called inside {outer}, which a fully "
+                    "dropped branch does not run",
+                )
         scope = self._scope(site, region)
         if scope is None:
             return SkipPlan(
