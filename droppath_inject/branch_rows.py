@@ -9,7 +9,7 @@ decision of the branch's gate (``BranchRows``):
   attention mask: first dimension the batch, not computed from the model's state alone) are
   gathered to the kept rows; arguments computed in the branch hold them already. The branch's
   DropPath (``BlockDropPath``) scales the kept rows and puts them back in place, zeros
-  elsewhere (``BranchRows.put_back``);
+  elsewhere (``BranchRows.put_back``). Gathered rows and zeros keep a channels_last layout;
 - every row dropped: no unit runs. A unit returns an empty output like the one it gives for
   arguments shaped the same (learned once per shape from one row, in eval mode, without
   gradients; the check at injection learns the example's); the DropPath returns zeros

@@ -11,6 +11,9 @@ fully dropped branch calls none of its units.
 That is sound when every per-sample value from outside the branch enters it through a unit's
 arguments. One read inline, by the forward's own Python (``x + fc(x) * t`` with a per-sample
 ``t``), would meet the kept rows with all of them: the site masks, and ``SkipPlan`` says why.
+So does a site whose DropPath acts on a module called inside one of its units (a hook on
+``attn.proj`` where the unit is ``attn``): a fully dropped branch does not call the unit, so the
+DropPath would never put its zeros in place.
 What the captured graph cannot show (a size read off a tensor outside the branch and used
 inside it) the forced-decision check at injection catches (``skip_verify``).
 """
