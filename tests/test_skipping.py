@@ -88,6 +88,13 @@ def test_matches_mask_implementation(name: str, mode: str) -> None:
     worst = compare_training(masked, skipping, x, bitwise=work != "rows")
     if mode == "batch":
         assert worst["zero_grads"] > 0  # whole branches dropped: zero gradients, not None
+    counted = branches(skipping).values()  # the package's own counters agree
+    assert all(b.masked_calls == 0 for b in counted)
+    gathered = sum(b.gathered_calls for b in counted)
+    skipped = sum(b.skipped_calls for b in counted)
+    assert (gathered > 0) == (work == "rows")
+    if work != "rows":  # in row mode a call may or may not drop every row
+        assert (skipped > 0) == (work == "blocks")
 
 
 # --- 2. eval mode ------------------------------------------------------------------------------
