@@ -11,6 +11,9 @@ fully dropped branch calls none of its units.
 That is sound when every per-sample value from outside the branch enters it through a unit's
 arguments. One read inline, by the forward's own Python (``x + fc(x) * t`` with a per-sample
 ``t``), would meet the kept rows with all of them: the site masks, and ``SkipPlan`` says why.
+So does a site whose DropPath acts on a module called inside one of its units (a hook on
+``attn.proj`` where the unit is ``attn``): a fully dropped branch does not call the unit, so the
+DropPath would never put its zeros in place.
 What the captured graph cannot show (a size read off a tensor outside the branch and used
 inside it) the forced-decision check at injection catches (``skip_verify``).
 """
@@ -188,6 +191,14 @@ class _Planner:
             # whatever rows it is given, and is no unit
         if not paths:
             return SkipPlan(SkipCompute.MASKS, "no module call of the branch runs once")
+        for module in attachment.modules:
+            outer = next((p for p in paths if module.startswith(p + ".")), None)
+            if outer is not None:
+                return SkipPlan(
+                    SkipCompute.MASKS,
+                    f"its DropPath acts on {module}, called inside {outer}, which a fully "
+                    "dropped branch does not run",
+                )
         scope = self._scope(site, region)
         if scope is None:
             return SkipPlan(
