@@ -57,6 +57,7 @@ class BranchRows:
         self.mode = mode
         self.gather_batch_norm = gather_batch_norm
         self.enabled = True
+        self.one_row_when_dropped = False  # its code fails on an empty batch: run one row
         self._decision: Tensor | None = None
         self._rows: Tensor | None = None
         self._gathering = False  # a unit has gathered rows for the decision in flight
@@ -79,6 +80,8 @@ class BranchRows:
         if scale is not self._decision:
             self._decision, self._gathering = scale, False
             self._rows = self._decide(scale)
+            if self.one_row_when_dropped and self._rows is not None and not self._rows.shape[0]:
+                self._rows = torch.zeros(1, dtype=torch.long, device=self.gate.device)
         return self._rows
 
     def _decide(self, scale: Tensor) -> Tensor | None:

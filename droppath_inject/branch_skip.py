@@ -44,6 +44,7 @@ class BranchUnits:
     units: tuple[str, ...]
     scope: str
     batch_norms: bool  # a BatchNorm runs in some unit
+    inline_reads: str = ""  # a per-sample value read inline: rows cannot be gathered (why)
 
 
 def _attached_values(site: ResidualSite, attachment: Attachment) -> list[fx.Node]:
@@ -142,6 +143,7 @@ class _Planner:
             )
         units: dict[str, None] = {}
         entries: set[str] = set()  # units reading values from outside the branch
+        inline_reads = ""  # why rows cannot be gathered (batch mode gathers none)
         tail = set(site.branch_region) | {site.add}
         for node in site.branch_region:
             if node not in region:
@@ -167,12 +169,11 @@ class _Planner:
                             f"{batch_dim_of(value)}, where rows are gathered in dimension 0",
                         )
                     continue
-                if unit is None:
-                    return SkipPlan(
-                        SkipCompute.MASKS,
+                if unit is None and not inline_reads:
+                    inline_reads = (
                         f"{_describe(value)} enters the branch inline, in "
                         f"{site.owner or 'the model'}'s forward, where no module call can "
-                        "gather its rows",
+                        "gather its rows"
                     )
         if not units:
             return SkipPlan(SkipCompute.MASKS, "no module call computes the branch")
@@ -209,7 +210,7 @@ class _Planner:
             for path in paths
             for m in self.run.modules[path].modules()
         )
-        return BranchUnits(tuple(paths), scope, batch_norms)
+        return BranchUnits(tuple(paths), scope, batch_norms, inline_reads)
 
     def _scope(self, site: ResidualSite, region: set[fx.Node]) -> str | None:
         """The innermost module call holding the add and the whole branch, called once."""

@@ -142,15 +142,7 @@ INLINE = "enters the branch inline"
         (lambda: InplaceSkipResidual(sm.mlp()), "row", SkipCompute.KEPT_ROWS, "", "rows"),
         (lambda: InplaceSkipResidual(sm.mlp()), "batch", SkipCompute.KEPT_ROWS, "", "blocks"),
         (SizeFromSkip, "row", SkipCompute.MASKS, INLINE, "all"),
-        pytest.param(
-            SizeFromSkip, "batch", SkipCompute.KEPT_ROWS, "", "blocks",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="x.reshape(b, -1) before the branch's only unit is computed inline: the "
-                "plan masks in every mode, though batch mode gathers no rows (the symbolic path "
-                "skipped dropped blocks here)",
-            ),
-        ),
+        (SizeFromSkip, "batch", SkipCompute.KEPT_ROWS, "", "blocks"),
     ],
     ids=["inplace-branch-row", "inplace-branch-batch", "inplace-skip-row", "inplace-skip-batch",
          "sizes-row", "sizes-batch"],
@@ -162,7 +154,8 @@ def test_cut_plan_fallbacks(
 
     An in-place add into the branch's own result, or into a copy of the skip, runs on the
     DropPath's output, whose rows are all in place: the branch skips. A branch reading a size
-    of the skip inline (``x.reshape(b, -1)``) would meet the kept rows with all of them."""
+    of the skip inline (``x.reshape(b, -1)``) would meet the kept rows with all of them in row
+    mode; batch mode gathers no rows, so it skips dropped branches there."""
     torch.manual_seed(0)
     model = sm.Net(nn.Linear(sm.DIM, sm.DIM), [block(), block()], nn.Identity())
     x = torch.randn(6, sm.TOKENS, sm.DIM)
