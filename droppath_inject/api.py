@@ -259,7 +259,11 @@ def _inject(
         else None
     )
     attacher = Attacher(
-        model, mode, rerate_existing=how.existing == "rerate", make_drop=branches or blocks
+        model,
+        mode,
+        rerate_existing=how.existing == "rerate",
+        make_drop=branches or blocks,
+        replaces_existing=None if branches is None else branches.replaces_existing,
     )
     try:
         sites = attach_all(plan, rates, attacher)
