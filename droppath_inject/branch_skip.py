@@ -144,6 +144,7 @@ class _Planner:
         units: dict[str, None] = {}
         entries: set[str] = set()  # units reading values from outside the branch
         inline_reads = ""  # why rows cannot be gathered (batch mode gathers none)
+        full_rows: set[fx.Node] = set()  # inline ops before any unit: they see every row
         tail = set(site.branch_region) | {site.add}
         for node in site.branch_region:
             if node not in region:
@@ -157,10 +158,15 @@ class _Planner:
                     f"{_describe(node)} is read outside the rows the branch runs on (after its "
                     "DropPath, or by another stream)",
                 )
-            for value in node.all_input_nodes:
-                if value in region or value not in self.data:
-                    continue
-                if unit is not None and value not in self.inside.get(unit, ()):
+            outside = [
+                v
+                for v in node.all_input_nodes
+                if v in self.data and (v not in region or v in full_rows)
+            ]
+            if unit is not None:
+                for value in outside:
+                    if value in self.inside.get(unit, ()):
+                        continue
                     entries.add(unit)
                     if batch_dim_of(value) not in (0, None):
                         return SkipPlan(
@@ -168,13 +174,14 @@ class _Planner:
                             f"{_describe(value)} enters the branch with its samples in dimension "
                             f"{batch_dim_of(value)}, where rows are gathered in dimension 0",
                         )
-                    continue
-                if unit is None and not inline_reads:
-                    inline_reads = (
-                        f"{_describe(value)} enters the branch inline, in "
-                        f"{site.owner or 'the model'}'s forward, where no module call can "
-                        "gather its rows"
-                    )
+            elif not any(v in region and v not in full_rows for v in node.all_input_nodes):
+                full_rows.add(node)  # computed before any unit, from outside values: all rows
+            elif outside and not inline_reads:
+                inline_reads = (
+                    f"{_describe(outside[0])} enters the branch inline, in "
+                    f"{site.owner or 'the model'}'s forward, where no module call can "
+                    "gather its rows"
+                )
         if not units:
             return SkipPlan(SkipCompute.MASKS, "no module call computes the branch")
         paths = []
