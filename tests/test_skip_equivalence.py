@@ -4,7 +4,7 @@ Issue 20: on Hugging Face ViT, Llama, BERT, a PEFT-LoRA Llama, Qwen2-MoE, vit-py
 torchvision's resnet50 and timm's convnext_tiny, under both granularities and the row, fixed and
 batch modes, outputs and gradients (trainable parameters, float inputs) equal the mask's
 (``skip_compute=False``, a deepcopy, the same seed before each forward), some rows are dropped
-and some kept, and the report says something skips. At rate 1, FLOPs inside the modules
+and some kept, and the report says every site skips. At rate 1, FLOPs inside the modules
 computing the branches, taken from the libraries' own structure (``model.layers[i].self_attn``,
 a Bottleneck's convolutions), are zero in training and not in eval.
 
@@ -35,7 +35,7 @@ from helpers import skip_models as sm
 from helpers.skip_compare import (
     GRANULARITIES,
     MODES,
-    assert_skips_something,
+    assert_every_site_skips,
     compare_training,
     inject,
     site_skips,
@@ -70,7 +70,7 @@ def test_skip_matches_mask(name: str, granularity: str, mode: str) -> None:
     masked, _ = inject(case, False, mode=mode, granularity=granularity)
     skipping, report = inject(case, True, mode=mode, granularity=granularity)
     assert report.verification is not None and report.verification.passed
-    assert_skips_something(report)
+    assert_every_site_skips(report)
     seen = compare_training(masked, skipping, case.inputs, batch_norm_eval=case.batch_norm)
     assert seen["dropped"] > 0, "no branch was dropped under any seed: the comparison is vacuous"
     assert seen["kept"] > 0, "every branch of rate > 0 was dropped under every seed"
@@ -165,7 +165,7 @@ def test_rate_one_runs_no_branch(name: str, granularity: str, mode: str) -> None
         case, True, max_drop=1.0, schedule="uniform", mode=mode, granularity=granularity
     )
     assert all(s.rate == 1.0 for s in report.sites)
-    assert_skips_something(report)
+    assert_every_site_skips(report)
     library = case.branch_modules(model)
     branches = library + _report_branch_modules(model, report)
     with _calls(_inside(branches)) as counts:

@@ -35,12 +35,16 @@ def site_skips(site: Site) -> bool:
     return plan is not None and not plan.how.name.startswith("MASKS")
 
 
-def assert_skips_something(report: Report) -> None:
-    layers = report.layer_drop
-    skipped_layers = layers is not None and layers.count(BlockHandling.SKIPPED) > 0
-    assert any(site_skips(s) for s in report.sites) or skipped_layers, [
-        (s.branch, s.skip_compute) for s in report.sites
+def assert_every_site_skips(report: Report) -> None:
+    """Every site of the report skips its dropped branch (none masks), or its layer skips."""
+    blocks = report.layer_drop.blocks if report.layer_drop is not None else []
+    skipped = {b.block_index for b in blocks if b.handling is BlockHandling.SKIPPED}
+    masking = [
+        (s.branch, s.skip_compute)
+        for s in report.sites
+        if not site_skips(s) and s.block_index not in skipped
     ]
+    assert report.sites and not masking, masking
 
 
 # --- running models ------------------------------------------------------------------------------
