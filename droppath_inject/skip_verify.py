@@ -168,7 +168,8 @@ def check_skipping(model: nn.Module, inputs: ExampleInputs, branches: BranchDrop
     gates = _gates(model)
     leaves = [t for t in tree_leaves((inputs.args, inputs.kwargs)) if isinstance(t, Tensor)]
     batch = leaves[0].shape[0] if leaves and leaves[0].ndim else 0
-    forwards, worst, failed = 0, 0.0, 0
+    forwards, worst = 0, 0.0
+    failed: list[tuple[Skipper, str]] = []
     devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     with python_state_kept(model), torch.random.fork_rng(devices=devices):
         for keep in _patterns(batch, branches.mode):
@@ -192,10 +193,12 @@ def check_skipping(model: nn.Module, inputs: ExampleInputs, branches: BranchDrop
                         worst = max(worst, alone)
                         continue
                     reason = error or f"outputs or gradients differ by {alone:.2g}"
-                    skipper.demote(f"skipping failed the check at injection ({reason})")
+                    failed.append((skipper, f"skipping failed the check at injection ({reason})"))
                     skippers.remove(skipper)
-                    failed += 1
+    # after the runs: putting the modules' Python state back would reinstall what demote removes
+    for skipper, reason in failed:
+        skipper.demote(reason)
     for skipper in skippers:
         for counter in ("skipped_calls", "gathered_calls", "masked_calls"):
             setattr(skipper.switch, counter, 0)
-    return SkipCheck(len(skippers) + failed, failed, forwards, worst, TOLERANCE)
+    return SkipCheck(len(skippers) + len(failed), len(failed), forwards, worst, TOLERANCE)

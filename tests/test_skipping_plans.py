@@ -99,15 +99,42 @@ class BatchCentered(nn.Module):
         return x + self.mlp(x - x.mean(0))
 
 
-def test_batch_mixing_branch_is_not_gathered() -> None:
-    """A branch that reduces over the batch must keep the mask, not gather: ``x - x.mean(0)``
-    is computed in the block's own forward, where no module call can gather its rows."""
+def test_batch_mixing_before_the_first_unit_sees_every_row() -> None:
+    """``x - x.mean(0)``, computed in the block's own forward before the branch's only module
+    call, reduces over every sample, as the mask does; the call then gathers its result's kept
+    rows. The branch skips and computes what the mask computes."""
     torch.manual_seed(0)
     model, x = sm.token_net([BatchCentered(), BatchCentered()]), torch.randn(6, sm.TOKENS, sm.DIM)
     masked, skipping, report = injected_pair(model, x, "row", 0.9)
-    assert {s.skip_compute.how for s in report.sites if s.skip_compute} == {SkipCompute.MASKS}
-    assert all("inline" in s.skip_compute.reason for s in report.sites if s.skip_compute)
-    assert not skipping_drops(skipping)
+    assert {s.skip_compute.how for s in report.sites if s.skip_compute} == {SkipCompute.KEPT_ROWS}
+    assert partially_kept(check_work(masked, skipping, x, "rows"), x.shape[0])
+    compare_training(masked, skipping, x)
+
+
+class BatchCenteredAfter(nn.Module):
+    """``x + fc2(h - h.mean(0))`` with ``h = fc1(x)``: the batch mean of a value computed on the
+    kept rows only would not be the mask's."""
+
+    BRANCHES = ("fc2",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(sm.DIM, sm.DIM), nn.Linear(sm.DIM, sm.DIM)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        return x + self.fc2(h - h.mean(0) * x.shape[0] / x.shape[0])
+
+
+def test_batch_mixing_between_units_is_caught_at_injection() -> None:
+    """A batch mean taken inline between two module calls of the branch sees the kept rows
+    only when skipping: the check at injection finds the difference and the site masks."""
+    torch.manual_seed(0)
+    model, x = sm.token_net([BatchCenteredAfter()]), torch.randn(6, sm.TOKENS, sm.DIM)
+    masked, skipping, report = injected_pair(model, x, "row", 0.9, schedule="uniform")
+    plans = [s.skip_compute for s in report.sites]
+    assert all(p is not None and p.how is SkipCompute.MASKS for p in plans), plans
+    assert all(p is not None and "check at injection" in p.reason for p in plans), plans
     compare_training(masked, skipping, x, bitwise=True)
 
 
@@ -141,7 +168,7 @@ INLINE = "enters the branch inline"
          "blocks"),
         (lambda: InplaceSkipResidual(sm.mlp()), "row", SkipCompute.KEPT_ROWS, "", "rows"),
         (lambda: InplaceSkipResidual(sm.mlp()), "batch", SkipCompute.KEPT_ROWS, "", "blocks"),
-        (SizeFromSkip, "row", SkipCompute.MASKS, INLINE, "all"),
+        (SizeFromSkip, "row", SkipCompute.KEPT_ROWS, "", "rows"),
         (SizeFromSkip, "batch", SkipCompute.KEPT_ROWS, "", "blocks"),
     ],
     ids=["inplace-branch-row", "inplace-branch-batch", "inplace-skip-row", "inplace-skip-batch",
@@ -154,8 +181,8 @@ def test_cut_plan_fallbacks(
 
     An in-place add into the branch's own result, or into a copy of the skip, runs on the
     DropPath's output, whose rows are all in place: the branch skips. A branch reading a size
-    of the skip inline (``x.reshape(b, -1)``) would meet the kept rows with all of them in row
-    mode; batch mode gathers no rows, so it skips dropped branches there."""
+    of the skip inline (``x.reshape(b, -1)``) reshapes every row before the branch's module
+    call gathers the kept ones, so it skips in both modes."""
     torch.manual_seed(0)
     model = sm.Net(nn.Linear(sm.DIM, sm.DIM), [block(), block()], nn.Identity())
     x = torch.randn(6, sm.TOKENS, sm.DIM)
