@@ -49,10 +49,11 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 from droppath_inject import BlockHandling, inject_droppath
 from droppath_inject.granularity import GranularityName
 from droppath_inject.layers import Mode
-from droppath_inject.report import Report, Site
+from droppath_inject.report import Report
 
 from .cli import _commit
 from .layer_drop import Share, _share_parameters
+from .sites import skips
 from .timing import Stat, keep_freed_memory, time_call
 
 MAX_DROP = 0.5  # the 2016 paper's setting
@@ -64,19 +65,6 @@ CPU = torch.device("cpu")
 RESULTS = Path(__file__).with_name("SKIPPING.md")
 SYMBOLIC = Path(__file__).with_name("skipping_symbolic.json")
 Size = Literal["full", "small", "smoke"]
-
-
-#: The skip plans (``Site.skip_compute.how`` members, by name) under which a training step
-#: still computes a dropped branch on every row.
-MASKING = frozenset({"MASKS", "MASKS_IN_ROW_MODE", "KEPT_ROWS_UNLESS_BATCH_NORM_TRAINS"})
-
-
-def skips(site: Site) -> bool:
-    """Whether a reported site skips its dropped work in training rather than masking it.
-
-    The one place that reads the core's skip plan, whose enum is the core's to change."""
-    plan = site.skip_compute
-    return plan is not None and plan.how.name not in MASKING
 
 
 @dataclass(frozen=True)
@@ -385,11 +373,11 @@ class Symbolic:
                 "skip_over_none": asdict(row.skip_over_none),
                 "ideal": asdict(row.ideal),
                 "share": asdict(row.share),
-            }  # fmt: skip
+            }
             for row in rows
             if row.granularity == "branch"
-            and row.skipping
-            and row.skipping.sites
+            and row.skipping is not None
+            and row.skipping.of_sites  # it injected something
             and row.none_ms
             and row.skip_over_mask
             and row.skip_over_none
