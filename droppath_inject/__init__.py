@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import _quiet_torch  # noqa: F401 - first: torch imported without its NumPy warning
 from .api import find_residuals, inject_droppath
 from .attach import AttachKind
-from .control import injected_blocks, remove_droppath, set_drop_rates
+from .control import remove_droppath, set_drop_rates
 from .curricula import Curriculum
 from .errors import (
     CurriculumError,
@@ -44,7 +44,6 @@ __all__ = [
     "drop_rates",
     "find_residuals",
     "inject_droppath",
-    "injected_blocks",
     "remove_droppath",
     "set_drop_rates",
 ]

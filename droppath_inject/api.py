@@ -2,8 +2,8 @@
 
 A thin façade over the stages: capture one eval run (``capture``), find the residual sites
 (``residuals``), group them into blocks (``blocks``), schedule rates (``schedule``), plan and
-apply attachments (``attach``, ``apply``), verify (``verify``). ``skip_compute=True`` takes the
-symbolic pipeline of ``traced``, which cuts branches out of rewritten blocks.
+apply attachments (``attach``, ``apply``), verify (``verify``). ``skip_compute=True`` is a way
+of attaching (``branch_drops``, ``layer_drop``), checked once more (``skip_verify``).
 """
 
 from __future__ import annotations
@@ -12,22 +12,23 @@ import gc
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 from torch import nn
 
 from .apply import Attacher, attach_all
+from .branch_drops import BranchDrops
 from .errors import DropPathWarning
 from .granularity import Granularity, GranularityName
 from .inputs import resolve_inputs
 from .layer_drop import BlockDrops
 from .layers import Mode, check_mode
-from .plan import dry_sites, make_plan
+from .plan import attachments_of, dry_sites, make_plan
 from .reinjection import check_repeat_call
 from .report import Parameters, Report
 from .schedule import Schedule, drop_rates, schedule_name
-from .surgery import Rewrite
-from .traced import dry_run, inject_traced
+from .skip_verify import check_skipping
 from .verify import verify_attached
 from .wrappers import inner_module
 
@@ -66,8 +67,7 @@ def find_residuals(
     """Dry run: the residual sites, their blocks and the rates ``inject_droppath`` would give.
 
     The model runs once in eval mode on ``example_inputs`` (inferred when omitted, where
-    possible) and is not changed. Without any input, a symbolic ``torch.fx`` trace decides,
-    which sees only code written for it.
+    possible) and is not changed: the same capture and plan as ``inject_droppath``.
 
     Args:
         model: the model to analyse.
@@ -81,7 +81,7 @@ def find_residuals(
         The ``Report``; ``verification`` is None.
 
     Raises:
-        ExampleInputError: the model failed on the example input.
+        ExampleInputError: no input could be inferred, or the model failed on it.
 
     Example:
         >>> import torchvision
@@ -91,15 +91,13 @@ def find_residuals(
     """
     _check_arguments(max_drop, schedule, "row", existing)
     with inner_module(model, changes=False) as module:
-        inputs = resolve_inputs(module, example_inputs, required=False)
-        if inputs is None:
-            report = dry_run(module, max_drop, schedule)
-        else:
-            with _garbage_collection_paused():
-                plan = make_plan(module, inputs)
-            rates = drop_rates(plan.num_blocks, max_drop, schedule)
-            sites = dry_sites(plan, rates, keep_existing=existing == "keep")
-            report = Report(sites, [], plan.num_blocks)
+        inputs = resolve_inputs(module, example_inputs, required=True)
+        assert inputs is not None
+        with _garbage_collection_paused():
+            plan = make_plan(module, inputs)
+        rates = drop_rates(plan.num_blocks, max_drop, schedule)
+        sites = dry_sites(plan, rates, keep_existing=existing == "keep")
+        report = Report(sites, [], plan.num_blocks)
     report.parameters = Parameters(max_drop, schedule_name(schedule), "row", existing)
     return report
 
@@ -178,9 +176,10 @@ def inject_droppath(
         example_inputs: a tensor, a tuple of positional arguments or a dict of keyword ones.
         verify: check that eval outputs stay bit-identical (else the model is restored).
         existing: ``"rerate"`` or ``"keep"`` the rates of drop paths the model already has.
-        skip_compute: dropped branches are not computed (``mode="batch"``) or computed on the
-            kept samples only (``mode="row"``); see ``droppath_inject.skipping``. The blocks are
-            then rewritten from symbolic traces.
+        skip_compute: a dropped branch (or, with ``granularity="block"``, layer) is computed
+            on the kept samples only, and not at all when every sample drops it, where the
+            captured run shows how (``branch_skip``, ``layer_drop``); other sites mask, and the
+            report says why. Checked at injection under forced decisions (``skip_verify``).
         gather_batch_norm: with ``skip_compute`` in row mode, accept BatchNorm statistics of
             the kept samples only.
         granularity: ``"branch"`` (one decision per residual branch) or ``"block"`` (the
@@ -207,17 +206,10 @@ def inject_droppath(
     """
     _check_arguments(max_drop, schedule, mode, existing)
     by_block = Granularity.parse(granularity) is Granularity.BLOCK
-    traced = skip_compute and not by_block
     with inner_module(model) as module, _garbage_collection_paused():
         check_repeat_call(module, by_block, skip_compute)
-        if traced:
-            rewrite = Rewrite(mode, skip_compute, gather_batch_norm)
-            report = inject_traced(module, max_drop, schedule, example_inputs, verify, rewrite)
-        else:
-            blocks = (skip_compute, gather_batch_norm) if by_block else None
-            report = _inject(
-                module, max_drop, schedule, mode, example_inputs, verify, existing, blocks
-            )
+        how = _How(mode, existing, by_block, skip_compute, gather_batch_norm)
+        report = _inject(module, max_drop, schedule, example_inputs, verify, how)
     report.parameters = Parameters(
         max_drop,
         schedule_name(schedule),
@@ -231,31 +223,58 @@ def inject_droppath(
     return (model, report) if return_report else model
 
 
+@dataclass(frozen=True)
+class _How:
+    """How the DropPaths are attached: the call's arguments besides the schedule."""
+
+    mode: Mode
+    existing: str
+    by_block: bool
+    skip_compute: bool
+    gather_batch_norm: bool
+
+
 def _inject(
     model: nn.Module,
     max_drop: float,
     schedule: Schedule,
-    mode: Mode,
     example_inputs: Any,
     verify: bool,
-    existing: str,
-    by_block: tuple[bool, bool] | None = None,
+    how: _How,
 ) -> Report:
-    """Capture, plan, attach, verify; every change is undone if any step fails.
-
-    ``by_block`` is ``(skip_compute, gather_batch_norm)`` under block granularity."""
+    """Capture, plan, attach, verify; every change is undone if any step fails."""
     inputs = resolve_inputs(model, example_inputs, required=True)
     assert inputs is not None
     plan = make_plan(model, inputs)
     rates = drop_rates(plan.num_blocks, max_drop, schedule)
-    blocks = None if by_block is None else BlockDrops(model, plan, inputs, mode, *by_block)
-    attacher = Attacher(model, mode, rerate_existing=existing == "rerate", make_drop=blocks)
+    mode = how.mode
+    blocks = (
+        BlockDrops(model, plan, inputs, mode, how.skip_compute, how.gather_batch_norm)
+        if how.by_block
+        else None
+    )
+    branches = (
+        BranchDrops(model, plan, inputs, mode, how.gather_batch_norm, blocks)
+        if how.skip_compute
+        else None
+    )
+    attacher = Attacher(
+        model,
+        mode,
+        rerate_existing=how.existing == "rerate",
+        make_drop=branches or blocks,
+        replaces_existing=None if branches is None else branches.replaces_existing,
+    )
     try:
         sites = attach_all(plan, rates, attacher)
         report = Report(sites, [], plan.num_blocks)
-        report.layer_drop = None if blocks is None else blocks.report()
         if verify:
             report.verification = verify_attached(model, plan, rates, attacher, inputs)
+        if branches is not None:
+            if verify:
+                report.skip_check = check_skipping(model, inputs, branches)
+            report.sites = branches.annotate(sites, attachments_of(plan))
+        report.layer_drop = None if blocks is None else blocks.report()
     except BaseException:
         attacher.undo()
         raise

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from .attach import AttachKind, Attachment
-from .block_gate import BlockDropPath, LayerGate, SumGate
+from .block_gate import BlockDropPath, LayerGate, ResidualGate
 from .droppaths import drop_path_rate_of, set_drop_path_rate
 from .internals import remove_forward_hooks, tree_flatten, tree_unflatten
 from .layers import DropPath, Mode
@@ -98,7 +98,10 @@ class Attacher:
     model: nn.Module
     mode: Mode
     rerate_existing: bool = True
-    make_drop: Callable[[Attacher, float, tuple[int, int]], DropPath] | None = None
+    make_drop: Callable[[Attacher, Attachment, float, tuple[int, int]], DropPath] | None = None
+    #: which existing drop paths of other libraries to replace by a new DropPath when re-rating
+    #: (``skip_compute``: theirs cannot follow a decision drawn before the branch runs)
+    replaces_existing: Callable[[Attachment], bool] | None = None
     _undo: list[Callable[[], None]] = field(default_factory=list)
     _done: dict[tuple[str, int | None], Outcome] = field(default_factory=dict)
 
@@ -113,12 +116,14 @@ class Attacher:
         if key in self._done:
             return self._done[key]
         parts = (attachment, *attachment.parts)
-        if attachment.kind is AttachKind.EXISTING:
+        if attachment.kind is AttachKind.EXISTING and self._replacing(attachment):
+            outcome = self._replace_existing(attachment, rate, place)
+        elif attachment.kind is AttachKind.EXISTING:
             outcome = self._existing(attachment, rate, place)
             for part in attachment.parts:  # this package's DropPaths of a parallel sum
                 self._existing(part, rate, place)
         else:
-            drop = self._new_drop(rate, place)
+            drop = self._new_drop(attachment, rate, place)
             drops = [drop] if not attachment.parts else self._shared(attachment, drop, rate)
             for part, each in zip(parts, drops, strict=True):
                 each.batch_dim = part.batch_dim
@@ -128,23 +133,26 @@ class Attacher:
             self._done[(part.module, part.leaf)] = outcome
         return outcome
 
-    def _new_drop(self, rate: float, place: tuple[int, int]) -> DropPath:
+    def _new_drop(self, attachment: Attachment, rate: float, place: tuple[int, int]) -> DropPath:
         if self.make_drop is None:
             return DropPath(rate, self.mode)
-        return self.make_drop(self, rate, place)
+        return self.make_drop(self, attachment, rate, place)
 
     def _shared(self, attachment: Attachment, drop: DropPath, rate: float) -> list[DropPath]:
         """DropPaths for every term of a parallel sum, following one decision: the block's
-        (``drop``'s gate) under block granularity, else a ``SumGate`` on the add's owner."""
+        (``drop``'s gate) under block granularity, else a ``ResidualGate`` on the add's owner."""
         if isinstance(drop, BlockDropPath):
             gate: LayerGate = drop.gate
         else:
-            gate = SumGate(self.mode, batch_dim=attachment.batch_dim)
+            gate = ResidualGate(self.mode, batch_dim=attachment.batch_dim)
             owner = self.model.get_submodule(attachment.holder)
             handle = owner.register_forward_pre_hook(gate, with_kwargs=True)
             self._undo.append(handle.remove)
             drop = BlockDropPath(gate, rate, self.mode)
-        return [drop, *(BlockDropPath(gate, rate, self.mode) for _ in attachment.parts)]
+        parts = [BlockDropPath(gate, rate, self.mode) for _ in attachment.parts]
+        for part in parts:  # every term's value runs on the kept rows where the branch does
+            part.branch_rows = getattr(drop, "branch_rows", None)
+        return [drop, *parts]
 
     def _place(self, attachment: Attachment, drop: DropPath, place: tuple[int, int]) -> None:
         """Put ``drop`` in a slot or on a hook, as ``attachment`` says."""
@@ -179,19 +187,45 @@ class Attacher:
 
         self._undo.append(undo)
 
+    def _replacing(self, attachment: Attachment) -> bool:
+        module = self.model.get_submodule(attachment.module)
+        return (
+            self.rerate_existing
+            and self.replaces_existing is not None
+            and not attachment.parts
+            and not isinstance(module, DropPath)
+            and drop_path_rate_of(module) is not None
+            and self.replaces_existing(attachment)
+        )
+
+    def _replace_existing(
+        self, attachment: Attachment, rate: float, place: tuple[int, int]
+    ) -> Outcome:
+        """Re-rate another library's drop path by putting a DropPath of this package in its
+        place (``remove_droppath`` puts it back, its own rate untouched)."""
+        module = self.model.get_submodule(attachment.module)
+        previous = drop_path_rate_of(module)
+        drop = self._new_drop(attachment, rate, place)
+        drop.batch_dim = attachment.batch_dim
+        _set_placement(drop, Placement(*place, AttachKind.EXISTING, previous, slot=module))
+        self._replace(attachment.module, drop)
+        return Outcome(SiteStatus.RE_RATED, rate, previous)
+
     def _existing(self, attachment: Attachment, rate: float, place: tuple[int, int]) -> Outcome:
         """Re-rate a drop path on the branch: ours always, another library's unless kept."""
         module = self.model.get_submodule(attachment.module)
         previous = drop_path_rate_of(module)
         earlier = placement_of(module)
         ours = (
-            isinstance(module, DropPath) and earlier is not None and earlier.original_rate is None
+            isinstance(module, DropPath)
+            and earlier is not None
+            and (earlier.original_rate is None or earlier.slot is not None)
         )
         if previous is None or not (ours or self.rerate_existing):
             return Outcome(SiteStatus.KEPT, float("nan") if previous is None else previous)
         if ours:
             assert earlier is not None and isinstance(module, DropPath)
-            placement = Placement(*place, earlier.kind, slot=earlier.slot)
+            placement = Placement(*place, earlier.kind, earlier.original_rate, earlier.slot)
             mode_before, module.mode = module.mode, self.mode
             batch_dim_before, module.batch_dim = module.batch_dim, attachment.batch_dim
         else:
@@ -242,7 +276,8 @@ def detach(model: nn.Module) -> int:
         parent = model.get_submodule(parent_path)
         if place.kind is AttachKind.FORWARD_HOOK:
             delattr(parent, name)
-        elif place.kind is AttachKind.SLOT:
+        elif place.kind is AttachKind.SLOT or place.slot is not None:
+            # a slot's Identity, or the drop path of another library this one replaced
             slot = place.slot if place.slot is not None else nn.Identity()
             slot.training = module.training
             setattr(parent, name, slot)

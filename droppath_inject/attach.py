@@ -64,7 +64,6 @@ class AttachKind(Enum):
     FORWARD_HOOK = "forward hook"
     SLOT = "drop-path slot"
     EXISTING = "existing drop path"
-    REWRITTEN = "rewritten block"  # skip_compute: the block replaced by its injected trace
 
 
 @dataclass(frozen=True)

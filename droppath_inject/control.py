@@ -13,27 +13,7 @@ from .droppaths import set_drop_path_rate
 from .errors import DropPathInjectError
 from .layer_drop import remove_layer_drop
 from .schedule import Schedule, drop_rates
-from .surgery import InjectedBlock, restore_original
 from .wrappers import inner_module
-
-
-def injected_blocks(model: nn.Module) -> list[tuple[str, InjectedBlock]]:
-    """The blocks ``inject_droppath(skip_compute=True)`` rewrote, with their paths.
-
-    Args:
-        model: a model given to ``inject_droppath`` (or one containing it, or its wrapper).
-
-    Returns:
-        ``(path, block)`` pairs, outermost first; empty unless ``skip_compute`` was used.
-
-    Example:
-        >>> import torchvision
-        >>> from droppath_inject import inject_droppath
-        >>> model = inject_droppath(torchvision.models.resnet18(), skip_compute=True, mode="batch")
-        >>> [path for path, _ in injected_blocks(model)][:2]
-        ['layer1.0', 'layer1.1']
-    """
-    return [(path, m) for path, m in model.named_modules() if isinstance(m, InjectedBlock)]
 
 
 @dataclass(frozen=True)
@@ -51,14 +31,6 @@ def _scheduled(model: nn.Module) -> list[_Scheduled]:
         _Scheduled(path, place.block_index, place.num_blocks, partial(set_drop_path_rate, module))
         for path, module, place in scheduled_drop_paths(model)
     ]
-    for path, block in injected_blocks(model):
-        info = block.droppath_info
-        for drop in block.drop_paths:
-            found.append(
-                _Scheduled(
-                    path, info.block_index, info.num_blocks, partial(setattr, drop, "drop_prob")
-                )
-            )
     return found
 
 
@@ -118,9 +90,9 @@ def remove_droppath(model: nn.Module) -> nn.Module:
     """Take out every DropPath ``inject_droppath`` added, in place; returns ``model``.
 
     Hooks are removed, drop-path slots get their ``nn.Identity`` back, re-rated drop paths
-    their original rates, rewritten blocks (``skip_compute``) their original objects with the
-    current weights. The result no longer needs this package, so it can be exported or
-    deployed as it was.
+    their original rates; the decisions' pre-hooks and the instance ``forward`` of skipping
+    layers and branch units (``skip_compute``) are taken out. The result no longer needs this
+    package, so it can be exported or deployed as it was.
 
     Args:
         model: a model given to ``inject_droppath`` (or one containing it, or its wrapper).
@@ -143,8 +115,4 @@ def remove_droppath(model: nn.Module) -> nn.Module:
         _require_injected(module)
         remove_layer_drop(module)
         detach(module)
-        while blocks := injected_blocks(module):
-            path, block = blocks[0]
-            parent_path, _, name = path.rpartition(".")
-            setattr(module.get_submodule(parent_path), name, restore_original(block))
     return model

@@ -202,6 +202,23 @@ def writes_back(node: fx.Node, add: fx.Node) -> bool:
     return node.op == "call_method" and node.target == "__setitem__" and add in node.args[2:]
 
 
+_SAME_VALUE_METHODS = frozenset({"to", "contiguous", "type_as", "float", "clone"})
+
+
+def unaliased(node: fx.Node) -> fx.Node:
+    """The value ``node`` copies unchanged (``x.to(x.dtype)`` returns ``x`` itself, and the
+    recorder binds ``x`` to the cast node: Llama's RMSNorm), else ``node``."""
+    while (
+        node.op == "call_method"
+        and node.target in _SAME_VALUE_METHODS
+        and node.args
+        and isinstance(node.args[0], fx.Node)
+        and node.meta.get("tensor_meta") == node.args[0].meta.get("tensor_meta")
+    ):
+        node = node.args[0]
+    return node
+
+
 class GraphFacts:
     """Per-graph lookups shared by every candidate add: topological index, tensor-ness, modules."""
 

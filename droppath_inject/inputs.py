@@ -12,8 +12,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .errors import ExampleInputError
-from .python_state import python_state_kept
-from .tracing import training_mode
+from .python_state import python_state_kept, training_mode
 
 #: Batch size of inferred inputs: 2, so that per-sample ops and batch statistics are exercised.
 INFERRED_BATCH = 2

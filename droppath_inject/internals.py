@@ -54,6 +54,11 @@ def tree_unflatten(leaves: list[Any], spec: Any) -> Any:
     return _pytree.tree_unflatten(leaves, spec)
 
 
+def tree_map_tensors(function: Callable[[Tensor], Any], tree: Any) -> Any:
+    """``tree`` with ``function`` applied to each tensor leaf."""
+    return _pytree.tree_map_only(torch.Tensor, function, tree)
+
+
 def version_counter(tensor: Tensor) -> int:
     """``tensor._version``: bumped by every in-place op on the tensor or a view of its storage.
 

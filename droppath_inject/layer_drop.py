@@ -14,20 +14,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
 from .apply import Attacher
 from .attach import AttachKind, Attachment
 from .batch_dims import first_input_batch_dims
-from .block_gate import BlockDropPath, LayerGate, SumGate
+from .block_gate import BlockDropPath, LayerGate, ResidualGate
 from .blocks import CONTAINERS
+from .branch_rows import uninstall as uninstall_unit
 from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropReport
+from .graph_facts import unaliased
 from .inputs import ExampleInputs, run_eval
 from .internals import BATCH_NORM_BASE, forward_pre_hooks, remove_forward_pre_hooks
 from .layer_skip import LayerSkip, cond_refusal, install, uninstall
 from .layers import DropPath, Mode
 from .plan import Plan, PlannedSite
-from .provenance import Provenance
+from .provenance import shared_arguments
 
 
 def _layer_module(planned: PlannedSite, modules: dict[str, nn.Module]) -> str | None:
@@ -53,26 +55,6 @@ class _Block:
     cond_refusal: str | None = None  # batch mode: why torch.cond cannot hold it ('' if it can)
 
 
-def _shared_arguments(
-    model: nn.Module, inputs: ExampleInputs, modules: dict[str, nn.Module]
-) -> dict[str, frozenset[int | str]]:
-    """For each module, its arguments (positions, keywords) that the example run computed from
-    parameters and buffers only: shared by all samples, so row mode never gathers them."""
-    with Provenance(model, (inputs.args, inputs.kwargs)) as provenance:
-        _, calls = run_eval(model, inputs, modules)
-    return {
-        path: frozenset(
-            [i for i, a in enumerate(call.args) if i and _is_shared(a, provenance)]
-            + [k for k, v in call.kwargs.items() if _is_shared(v, provenance)]
-        )
-        for path, call in calls.items()
-    }
-
-
-def _is_shared(value: object, provenance: Provenance) -> bool:
-    return isinstance(value, Tensor) and provenance.shared(value)
-
-
 def _refuse_sharing(block: _Block, plan: Plan) -> str:
     if block.module is None:
         return "the block is an iteration of its owner's loop, not a module call of its own"
@@ -89,27 +71,10 @@ def _refuse_sharing(block: _Block, plan: Plan) -> str:
             return f"a branch got no DropPath ({attachment.reason})"
         existing = plan.run.modules[attachment.module]
         if attachment.kind is AttachKind.EXISTING and not (
-            isinstance(existing, BlockDropPath) and not isinstance(existing.gate, SumGate)
+            isinstance(existing, BlockDropPath) and not isinstance(existing.gate, ResidualGate)
         ):
             return f"{attachment.module} is an existing drop path with its own decisions"
     return ""
-
-
-_SAME_VALUE_METHODS = frozenset({"to", "contiguous", "type_as", "float", "clone"})
-
-
-def _unaliased(node: fx.Node) -> fx.Node:
-    """The value ``node`` copies unchanged (``x.to(x.dtype)`` returns ``x`` itself, and the
-    recorder binds ``x`` to the cast node: Llama's RMSNorm), else ``node``."""
-    while (
-        node.op == "call_method"
-        and node.target in _SAME_VALUE_METHODS
-        and node.args
-        and isinstance(node.args[0], fx.Node)
-        and node.meta.get("tensor_meta") == node.args[0].meta.get("tensor_meta")
-    ):
-        node = node.args[0]
-    return node
 
 
 def _returning_other_tensors(plan: Plan) -> set[str]:
@@ -132,11 +97,11 @@ def _refuse_skipping(block: _Block, order: dict[fx.Node, int], returning_others:
             "runs the kept samples of dimension 0"
         )
     sites = sorted((p.site for p in block.sites), key=lambda s: order[s.add])
-    first = _unaliased(sites[0].skip).meta.get("module_first_inputs", [])
+    first = unaliased(sites[0].skip).meta.get("module_first_inputs", [])
     if not any(call.path == block.module for call in first):
         return "the first residual's skip is not the block's first argument"
     for before, after in zip(sites, sites[1:], strict=False):
-        if _unaliased(after.skip) is not before.add:
+        if unaliased(after.skip) is not before.add:
             return "a residual's skip is not the previous residual's sum (not one identity chain)"
     outputs = sites[-1].add.meta.get("module_outputs", [])
     if not any(o.call.path == block.module and o.leaf in (None, 0) for o in outputs):
@@ -196,14 +161,17 @@ class BlockDrops:
         }
         modules = {path: model.get_submodule(path) for path in skipping}
         if mode != "batch" and skipping:  # row and fixed modes gather by rows
-            for path, shared in _shared_arguments(model, inputs, modules).items():
+            for path, shared in shared_arguments(model, inputs, modules).items():
                 skipping[path].shared = shared
         if mode == "batch" and skipping:  # compiled code decides in torch.cond where it can
             for path, call in run_eval(model, inputs, modules)[1].items():
                 skipping[path].cond_refusal = cond_refusal(modules[path], call.args, call.kwargs)
         self._gates: dict[int, LayerGate] = {}
+        self.skips: dict[int, LayerSkip] = {}  # the blocks skipped whole, by block index
 
-    def __call__(self, attacher: Attacher, rate: float, place: tuple[int, int]) -> DropPath:
+    def __call__(
+        self, attacher: Attacher, attachment: Attachment, rate: float, place: tuple[int, int]
+    ) -> DropPath:
         block = self.blocks.get(place[0])
         if block is None or block.handling is BlockHandling.PER_BRANCH:
             return DropPath(rate, self.mode)
@@ -212,6 +180,10 @@ class BlockDrops:
             gate = self._gate(attacher, block)
         return BlockDropPath(gate, rate, self.mode)
 
+    def block_at(self, index: int) -> _Block:
+        """The block of schedule index ``index``."""
+        return self.blocks[index]
+
     def _gate(self, attacher: Attacher, block: _Block) -> LayerGate:
         assert block.module is not None
         module = self.model.get_submodule(block.module)
@@ -219,6 +191,7 @@ class BlockDrops:
         handle = module.register_forward_pre_hook(gate, with_kwargs=True)
         if block.handling is BlockHandling.SKIPPED:
             skip = install(module, gate, block.batch_norms, self.gather_batch_norm, block.shared)
+            self.skips[block.index] = skip
             skip.conditional = block.cond_refusal == ""
             if block.cond_refusal:
                 block.reason = f"compiled batch mode decides in Python: {block.cond_refusal}"
@@ -231,6 +204,13 @@ class BlockDrops:
 
         attacher.on_undo(undo)
         return gate
+
+    def demote(self, index: int, reason: str) -> None:
+        """Make a skipping block mask after all: the check at injection failed."""
+        skip = self.skips.pop(index)
+        uninstall(skip.module)
+        block = self.blocks[index]
+        block.handling, block.reason = BlockHandling.SHARED, f"masked: {reason}"
 
     def report(self) -> LayerDropReport:
         blocks = [
@@ -246,7 +226,7 @@ def gates_of(model: nn.Module) -> list[LayerGate]:
         hook
         for module in model.modules()
         for hook in forward_pre_hooks(module)
-        if isinstance(hook, LayerGate) and not isinstance(hook, SumGate)
+        if isinstance(hook, LayerGate) and not isinstance(hook, ResidualGate)
     ]
 
 
@@ -254,7 +234,7 @@ def remove_layer_drop(model: nn.Module) -> int:
     """Take out every gate pre-hook and skipping forward; returns how many modules had one."""
     count = 0
     for module in model.modules():
-        found = uninstall(module)
+        found = uninstall(module) | uninstall_unit(module)
         found |= remove_forward_pre_hooks(module, lambda hook: isinstance(hook, LayerGate)) > 0
         count += found
     return count

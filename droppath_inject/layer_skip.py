@@ -26,7 +26,7 @@ and every rank reduces every gradient even when ranks decide differently.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -90,11 +90,16 @@ def _hidden_state(output: Any) -> Tensor:
     return output if isinstance(output, Tensor) else output[0]
 
 
-def _zero_term(module: nn.Module) -> Tensor | None:
+def zero_term(modules: Iterable[nn.Module]) -> Tensor | None:
     """``0 * sum(p[0])`` over the trainable parameters: zero gradients, as the mask gives."""
     if not torch.is_grad_enabled():
         return None
-    firsts = [p.reshape(-1)[:1] for p in module.parameters() if p.requires_grad and p.numel()]
+    firsts = [
+        p.reshape(-1)[:1]
+        for module in modules
+        for p in module.parameters()
+        if p.requires_grad and p.numel()
+    ]
     if not firsts:
         return None
     return torch.cat([f.to(firsts[0].dtype) for f in firsts]).sum() * 0.0
@@ -143,6 +148,7 @@ class LayerSkip:
         self.conditional = False  # compiled batch mode decides in torch.cond (``cond_refusal``)
         self.conditional_calls = 0  # compiled batch-mode calls deciding inside torch.cond
         self.last_refusal = ""
+        self.enabled = True  # off: the same decisions run masked (the check at injection)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         if self.previous is not None:
@@ -171,8 +177,8 @@ class LayerSkip:
         return (hidden,) + (None,) * (self.structure - 1)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        scale = self.gate.scale
-        if not self.module.training or scale is None or not args:
+        scale = self.gate.scale  # None unless the block's DropPaths train at a rate above 0
+        if not self.enabled or scale is None or not args:
             return self._full(args, kwargs)
         self._check_wrappers()
         hidden = args[0]
@@ -205,7 +211,7 @@ class LayerSkip:
         return self._dropped(hidden)
 
     def _dropped(self, hidden: Tensor) -> Tensor:
-        zero = _zero_term(self.module)
+        zero = zero_term([self.module])
         return hidden.clone() if zero is None else hidden + zero.to(hidden.dtype)
 
     def _conditional(

@@ -11,7 +11,6 @@ the kept count depends on ``B`` and ``p`` only, so a skipping run has static sha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Literal, TypeAlias
 
 import torch
@@ -211,97 +210,3 @@ def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
     if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return gathered.contiguous(memory_format=torch.channels_last)
     return gathered
-
-
-class SkippingDropPath(DropPath):
-    """``skip + DropPath(branch(*inputs))`` that does not compute what it drops.
-
-    ``mode="batch"``: a dropped branch is not run. ``mode="row"``: the branch runs on the kept
-    samples only, the inputs flagged in ``per_sample`` gathered by row (``None``: always mask).
-    While any module in ``batch_norms`` trains, rows are not gathered (their batch statistics
-    would change) unless ``gather_batch_norm``. The branch is a plain attribute, not a child:
-    its modules belong to the block that holds this module, so ``state_dict()`` keys stay.
-    Keep decisions are drawn like ``drop_path``'s; batch-mode ones on the CPU (no device sync).
-    """
-
-    branch: Callable[..., Tensor]
-    batch_norms: list[nn.Module]
-
-    def __init__(
-        self,
-        branch: Callable[..., Tensor],
-        per_sample: tuple[bool, ...] | None,
-        batch_norms: Sequence[nn.Module] = (),
-        drop_prob: float = 0.0,
-        mode: Mode = "row",
-        gather_batch_norm: bool = False,
-    ) -> None:
-        super().__init__(drop_prob, mode)
-        # plain attributes, past nn.Module.__setattr__, which would register them as children
-        object.__setattr__(self, "branch", branch)
-        object.__setattr__(self, "batch_norms", list(batch_norms))
-        self.per_sample = per_sample
-        self.gather_batch_norm = gather_batch_norm
-
-    def forward(self, skip: Tensor, *inputs: object) -> Tensor:
-        _check_drop_prob(self.drop_prob)
-        check_mode(self.mode)
-        if not self.training or self.drop_prob == 0.0:
-            return skip + self.branch(*inputs)
-        if self.mode == "batch":
-            return self._batch(skip, inputs)
-        if self.per_sample is None or (
-            not self.gather_batch_norm and any(m.training for m in self.batch_norms)
-        ):
-            return skip + drop_path(self.branch(*inputs), self.drop_prob, True, self.mode)
-        if self.mode == "fixed":
-            return self._fixed(skip, inputs)
-        return self._rows(skip, inputs)
-
-    def _mask(self, skip: Tensor, shape: tuple[int, ...], device: torch.device) -> Tensor:
-        return keep_mask(shape, self.drop_prob, self.scale_by_keep, skip.dtype, device)
-
-    def _batch(self, skip: Tensor, inputs: tuple[object, ...]) -> Tensor:
-        mask = self._mask(skip, (1,) * skip.ndim, torch.device("cpu"))
-        if not mask.any():
-            return skip.clone()  # a new tensor, as the add made: later in-place ops stay safe
-        return skip + self.branch(*inputs) * mask.to(skip.device)
-
-    def _rows(self, skip: Tensor, inputs: tuple[object, ...]) -> Tensor:
-        batch = skip.shape[0]
-        mask = self._mask(skip, (batch,) + (1,) * (skip.ndim - 1), skip.device)
-        kept = mask.view(-1).nonzero().squeeze(1)
-        if kept.numel() == 0:
-            return skip.clone()
-        if kept.numel() == batch:
-            return skip + self.branch(*inputs) * mask
-        return self._add_rows(skip, inputs, kept, mask.index_select(0, kept))
-
-    def _fixed(self, skip: Tensor, inputs: tuple[object, ...]) -> Tensor:
-        """Fixed-count rows: static shapes, so compiled code needs no guard on the draw."""
-        batch = skip.shape[0]
-        rows = fixed_rows(batch, self.drop_prob, skip.device)
-        if rows.shape[0] == 0:
-            return skip.clone()
-        scale = fixed_scale(batch, rows.shape[0], self.scale_by_keep)
-        return self._add_rows(skip, inputs, rows, scale)
-
-    def _add_rows(
-        self, skip: Tensor, inputs: tuple[object, ...], kept: Tensor, scale: Tensor | float
-    ) -> Tensor:
-        """``skip`` plus the branch run on the ``kept`` rows (times ``scale``) at those rows."""
-        batch = skip.shape[0]
-        gathered = [
-            gather_rows(x, kept) if flag and isinstance(x, Tensor) and len(x) == batch else x
-            for x, flag in zip(inputs, self.per_sample or (), strict=True)
-        ]
-        kept_out = self.branch(*gathered) * scale
-        dtype = torch.promote_types(skip.dtype, kept_out.dtype)
-        out = skip.to(dtype).clone()  # clone keeps the memory format, out-of-place index_add not
-        return out.index_add_(0, kept, kept_out.to(dtype))
-
-    def extra_repr(self) -> str:
-        how = "whole branch" if self.mode == "batch" else "kept rows"
-        if self.mode == "row" and self.per_sample is None:
-            how = "mask"
-        return f"{super().extra_repr()}, skips={how}"

@@ -117,6 +117,11 @@ def site_report(
     )  # fmt: skip
 
 
+def attachments_of(plan: Plan) -> list[Attachment | None]:
+    """Each planned site's attachment, None where it has none."""
+    return [p.attachment if isinstance(p.attachment, Attachment) else None for p in plan.sites]
+
+
 def dry_sites(plan: Plan, rates: list[float], keep_existing: bool) -> list[Site]:
     """The report lines ``inject_droppath`` would give: existing drop paths re-rated or kept."""
     sites = []

@@ -17,6 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .inputs import ExampleInputs, run_eval
 from .internals import call_tracked, tree_leaves
 
 
@@ -67,3 +68,23 @@ class Provenance(TorchFunctionMode):
         if tensor in self._from_input or tensor not in self._from_state:
             return False
         return tensor.ndim == 0 or tensor.shape[0] <= 1 or tensor.stride(0) != 0
+
+
+def shared_arguments(
+    model: nn.Module, inputs: ExampleInputs, modules: dict[str, nn.Module]
+) -> dict[str, frozenset[int | str]]:
+    """For each module, its arguments (positions, keywords) that the example run computed from
+    parameters and buffers only: shared by all samples, so row mode never gathers them."""
+    with Provenance(model, (inputs.args, inputs.kwargs)) as provenance:
+        _, calls = run_eval(model, inputs, modules)
+    return {
+        path: frozenset(
+            [i for i, a in enumerate(call.args) if i and _is_shared(a, provenance)]
+            + [k for k, v in call.kwargs.items() if _is_shared(v, provenance)]
+        )
+        for path, call in calls.items()
+    }
+
+
+def _is_shared(value: object, provenance: Provenance) -> bool:
+    return isinstance(value, Tensor) and provenance.shared(value)

@@ -68,3 +68,15 @@ def python_state_kept(model: nn.Module) -> Iterator[None]:
     finally:
         for state in states:
             state.restore()
+
+
+@contextmanager
+def training_mode(module: nn.Module, mode: bool) -> Iterator[None]:
+    """Temporarily set every submodule's ``training`` flag, restoring each one's own flag after."""
+    saved = [(m, m.training) for m in module.modules()]
+    try:
+        module.train(mode)
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag

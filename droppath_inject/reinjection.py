@@ -10,23 +10,24 @@ from __future__ import annotations
 from torch import nn
 
 from .apply import scheduled_drop_paths
+from .branch_rows import units_of
 from .errors import DropPathInjectError
 from .layer_drop import gates_of
 from .layers import DropPath
-from .surgery import InjectedBlock
 
 
 def check_repeat_call(model: nn.Module, by_block: bool, skip_compute: bool) -> None:
     """Raise ``DropPathInjectError`` if ``model`` was injected with another kind of DropPath."""
-    _check_same_kind(model, skip_compute and not by_block)
+    if not by_block:
+        _check_same_kind(model, skip_compute)
     check_same_granularity(model, by_block, skip_compute)
 
 
 def _check_same_kind(model: nn.Module, skip_compute: bool) -> None:
     """A second call re-rates what the first placed: it cannot switch ``skip_compute``."""
     attached = any(isinstance(m, DropPath) for _, m, _ in scheduled_drop_paths(model))
-    rewritten = any(isinstance(m, InjectedBlock) for m in model.modules())
-    if (skip_compute and attached) or (not skip_compute and rewritten):
+    skipping = bool(units_of(model))
+    if attached and skipping != skip_compute:
         before, now = ("False", "True") if skip_compute else ("True", "False")
         raise DropPathInjectError(
             f"{type(model).__name__} was injected with skip_compute={before}; this call asks for "

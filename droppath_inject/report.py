@@ -7,8 +7,7 @@ from enum import Enum
 from typing import Any
 
 from .attach import AttachKind
-from .granularity import BlockHandling, LayerDropReport
-from .skipping import SkipPlan
+from .granularity import LayerDropReport
 from .version import __version__
 
 
@@ -34,6 +33,29 @@ class SiteStatus(Enum):
     RE_RATED = "re-rated"  # a drop path already there was given the schedule's rate
     KEPT = "kept"  # a drop path already there keeps its own rate (existing="keep")
     SKIPPED = "skipped"  # no DropPath could be attached; ``detail`` says why
+
+
+class SkipCompute(Enum):
+    """What a dropped branch (or layer) costs under ``skip_compute=True``."""
+
+    SKIPS_LAYER = "skips the dropped layer (kept rows only)"
+    KEPT_ROWS = "computes kept rows only"
+    KEPT_ROWS_BATCH_NORM_GATHERED = "computes kept rows only (BatchNorm statistics from kept rows)"
+    KEPT_ROWS_UNLESS_BATCH_NORM_TRAINS = (
+        "computes kept rows only, but masks while a BatchNorm in it trains"
+    )
+    MASKS = "masks"
+
+
+@dataclass(frozen=True)
+class SkipPlan:
+    """How a site's dropped branch runs, and why it keeps the mask where it does."""
+
+    how: SkipCompute
+    reason: str = ""
+
+    def describe(self) -> str:
+        return f"{self.how.value}: {self.reason}" if self.reason else self.how.value
 
 
 @dataclass(frozen=True)
@@ -74,6 +96,28 @@ class Site:
         if self.skip_compute is not None:
             text += f", {self.skip_compute.describe()}"
         return f"{text}: {self.detail}" if self.detail else text
+
+
+@dataclass(frozen=True)
+class SkipCheck:
+    """The check at injection that skipping computes what the mask does (``skip_verify``):
+    how many skipping branches and layers it covered, how many mask after it, the training
+    forwards and backwards it ran, and the largest difference seen relative to each tensor's
+    magnitude."""
+
+    checked: int
+    demoted: int
+    forwards: int
+    largest_difference: float
+    tolerance: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.checked - self.demoted} of {self.checked} skipping branches or layers agree "
+            f"with the mask under forced decisions (largest difference "
+            f"{self.largest_difference:.1e} <= {self.tolerance:.0e}; {self.forwards} training "
+            "forwards and backwards)"
+        )
 
 
 @dataclass(frozen=True)
@@ -127,7 +171,8 @@ class Report:
         >>> report.sites[-1].status, round(report.sites[-1].rate, 2), report.sites[-1].branch
         (<SiteStatus.INJECTED: 'injected'>, 0.1, 'layer4.1.bn2')
         >>> sorted(report.to_dict())
-        ['layer_drop', 'num_blocks', 'parameters', 'sites', 'skipped', 'verification', 'version']
+        ['layer_drop', 'num_blocks', 'parameters', 'sites', 'skip_check', 'skipped', 'verification',
+         'version']
     """
 
     sites: list[Site] = field(default_factory=list)
@@ -135,6 +180,7 @@ class Report:
     num_blocks: int = 0
     verification: Verification | None = None
     layer_drop: LayerDropReport | None = None  # granularity="block": each block's handling
+    skip_check: SkipCheck | None = None  # skip_compute=True: the forced-decision check
     parameters: Parameters | None = None
 
     @property
@@ -154,7 +200,7 @@ class Report:
 
     def shortfall(self, model_name: str) -> str | None:
         """A warning when nothing was found, some sites or modules got no DropPath, or, with
-        ``skip_compute`` under block granularity, some blocks still compute what they drop."""
+        ``skip_compute``, some sites still compute what they drop."""
         if not self.sites:
             untouched = "; ".join(f"{s.module or '<model>'}: {s.reason}" for s in self.skipped[:3])
             found = f" ({untouched})" if untouched else ""
@@ -168,16 +214,19 @@ class Report:
             first = self.skipped[0]
             parts.append(f"{len(self.skipped)} modules of {model_name} were left untouched "
                          f"({first.module or '<model>'}: {first.reason})")  # fmt: skip
-        if self.layer_drop is not None and self.layer_drop.skip_compute:
-            blocks = self.layer_drop.blocks
-            masked = [b for b in blocks if b.handling is not BlockHandling.SKIPPED]
-            if masked:
-                first_block = masked[0]
-                why = first_block.reason or first_block.handling.value
-                where = f"block {first_block.block_index}, {first_block.module}"
-                parts.append(f"skip_compute=True, but {len(masked)} of {len(blocks)} blocks of "
-                             f"{model_name} still compute their dropped branches, masked "
-                             f"({where}: {why})")  # fmt: skip
+        masking = [
+            s
+            for s in self.sites
+            if s.skip_compute is not None
+            and s.skip_compute.how is SkipCompute.MASKS
+            and s.status is not SiteStatus.SKIPPED
+        ]
+        if masking:
+            first_site = masking[0]
+            assert first_site.skip_compute is not None
+            parts.append(f"skip_compute=True, but {len(masking)} of {len(self.sites)} residual "
+                         f"sites of {model_name} still compute their dropped branches, masked "
+                         f"({first_site.branch}: {first_site.skip_compute.reason})")  # fmt: skip
         return "; ".join(parts) or None
 
     def table(self) -> str:
@@ -200,6 +249,8 @@ class Report:
             lines.append(self._layer_drop_lines(self.layer_drop))
         if self.verification is not None:
             lines.append(f"verification: {self.verification.describe()}")
+        if self.skip_check is not None:
+            lines.append(f"skip_compute check: {self.skip_check.describe()}")
         return "\n".join(lines)
 
     @staticmethod

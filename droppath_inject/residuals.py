@@ -26,7 +26,6 @@ from .graph_facts import (
     stacked_terms,
     writes_back,
 )
-from .layers import SkippingDropPath
 
 
 @dataclass(frozen=True, eq=False)
@@ -319,25 +318,6 @@ def _classify(facts: GraphFacts, add: fx.Node) -> ResidualSite | _ParallelSum | 
     )
 
 
-def _skipping_site(facts: GraphFacts, node: fx.Node) -> ResidualSite | None:
-    """A call of an injected ``SkippingDropPath``: it computes a residual add itself."""
-    if node.op != "call_module" or not isinstance(facts.module_of(node), SkippingDropPath):
-        return None
-    skip, fork = node.args[0], node.args[1]
-    assert isinstance(skip, fx.Node) and isinstance(fork, fx.Node)
-    return ResidualSite(
-        add=node,
-        branch=node,
-        skip=skip,
-        fork=fork,
-        branch_region=(node,),
-        owner=_common_owner([node]).rpartition(".")[0],
-        branch_depth=1,
-        skip_depth=0,
-        existing_drop_path=str(node.target),
-    )
-
-
 def _branch_readers(sites: Sequence[ResidualSite]) -> dict[fx.Node, list[ResidualSite]]:
     """The sites whose branch region holds each node."""
     readers: dict[fx.Node, list[ResidualSite]] = {}
@@ -399,11 +379,6 @@ def joint_regions(sites: Sequence[ResidualSite]) -> dict[ResidualSite, frozenset
     return joint
 
 
-def find_residual_sites(graph_module: fx.GraphModule) -> list[ResidualSite]:
-    """Every residual add of a symbolically traced ``graph_module``, in execution order."""
-    return find_sites(graph_module.graph, dict(graph_module.named_modules()))
-
-
 def find_sites(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[ResidualSite]:
     """Every residual add of ``graph`` in execution order (``modules`` by ``call_module`` path).
 
@@ -412,10 +387,7 @@ def find_sites(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[ResidualS
     weightless add nested in another residual's branch (ConvNeXt-V2's GRN) is not a site.
     """
     facts = GraphFacts(graph, modules)
-    found = [
-        _classify(facts, node) if add_operands(node) is not None else _skipping_site(facts, node)
-        for node in facts.nodes
-    ]
+    found = [_classify(facts, node) for node in facts.nodes if add_operands(node) is not None]
     parallel = {site.add for site in found if isinstance(site, _ParallelSum)}
     parallel.update(node for node in facts.nodes if stacked_terms(node) is not None)
     sites = _jointly_closed([site for site in found if isinstance(site, ResidualSite)])
