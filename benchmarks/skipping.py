@@ -369,6 +369,7 @@ class Symbolic:
                 "mode": row.mode,
                 "sites": f"{row.skipping.sites}/{row.skipping.of_sites}",
                 "none_ms": asdict(row.none_ms),
+                "mask_over_none": asdict(row.mask_over_none),
                 "skip_over_mask": asdict(row.skip_over_mask),
                 "skip_over_none": asdict(row.skip_over_none),
                 "ideal": asdict(row.ideal),
@@ -379,6 +380,7 @@ class Symbolic:
             and row.skipping is not None
             and row.skipping.of_sites  # it injected something
             and row.none_ms
+            and row.mask_over_none
             and row.skip_over_mask
             and row.skip_over_none
             and row.ideal
@@ -386,8 +388,10 @@ class Symbolic:
         ]
         path.write_text(json.dumps(asdict(cls(date, commit, kept)), indent=1) + "\n")
 
-    def find(self, model: str, mode: str) -> dict[str, Any] | None:
-        return next((r for r in self.rows if r["model"] == model and r["mode"] == mode), None)
+    def find(self, row: Row) -> dict[str, Any] | None:
+        """The stored row of the same model, input and mode."""
+        key = (row.model, row.shape, row.mode)
+        return next((r for r in self.rows if (r["model"], r["shape"], r["mode"]) == key), None)
 
 
 def _stat(data: Mapping[str, float]) -> Stat:
@@ -406,7 +410,9 @@ def _target(row: Row, reference: Share | None) -> str:
     return "yes" if row.share.value >= reference.value else "no"
 
 
-def _cells(row: Row, reference: Share | None, symbolic: Symbolic | None) -> list[str]:
+def _cells(
+    row: Row, reference: Share | None, symbolic: Symbolic | None, tolerance: float
+) -> list[str]:
     head = [BENCHES[row.model].label, row.shape, row.mode]
     if row.error or row.skipping is None:
         return [*head, f"injection failed: {row.error}", *["—"] * 8, row.graph_breaks]
@@ -421,7 +427,7 @@ def _cells(row: Row, reference: Share | None, symbolic: Symbolic | None) -> list
         _share(reference), row.graph_breaks,
     ]  # fmt: skip
     if row.granularity == "branch":
-        cells.append(_versus_symbolic(row, symbolic))
+        cells.append(_versus_symbolic(row, symbolic, tolerance))
     return cells
 
 
@@ -430,13 +436,29 @@ def _share(share: Share | None) -> str:
     return "—" if share is None or math.isnan(share.value) else share.format()
 
 
-def _versus_symbolic(row: Row, symbolic: Symbolic | None) -> str:
-    old = None if symbolic is None else symbolic.find(row.model, row.mode)
+def drift(rows: Sequence[Row], symbolic: Symbolic) -> float | None:
+    """How far a control moved between the symbolic run and this one: the largest change of
+    the median mask / no drop ratio (mask and plain model alike in both runs, up to the
+    DropPath's own multiply) over the rows both runs have."""
+    changes = [
+        abs(row.mask_over_none.median - _stat(old["mask_over_none"]).median)
+        for row in rows
+        if row.mask_over_none is not None
+        and (old := symbolic.find(row)) is not None
+        and "mask_over_none" in old
+    ]
+    return max(changes) if changes else None
+
+
+def _versus_symbolic(row: Row, symbolic: Symbolic | None, tolerance: float) -> str:
+    """The symbolic run's median skip / no drop against this run's; slower only by more than
+    ``tolerance``, the drift of the control between the runs."""
+    old = None if symbolic is None else symbolic.find(row)
     if old is None or row.skip_over_none is None:
         return "—"
-    before = _stat(old["skip_over_none"])
-    verdict = "not slower" if row.skip_over_none.median <= before.median else "slower"
-    return f"{before.median:.2f} → {row.skip_over_none.median:.2f}: {verdict}"
+    before, now = _stat(old["skip_over_none"]).median, row.skip_over_none.median
+    verdict = "not slower" if now <= before + tolerance else f"slower by {now - before:.2f}"
+    return f"{before:.2f} → {now:.2f}: {verdict}"
 
 
 COLUMNS = (
@@ -447,14 +469,17 @@ COLUMNS = (
 
 
 def _table(
-    rows: Sequence[Row], references: Mapping[str, Share], symbolic: Symbolic | None
+    rows: Sequence[Row],
+    references: Mapping[str, Share],
+    symbolic: Symbolic | None,
+    tolerance: float = 0.0,
 ) -> list[str]:
     columns = list(COLUMNS)
     if rows and rows[0].granularity == "branch":
         columns.append("skip / no drop, symbolic path → now")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = _cells(row, references.get(row.model), symbolic)
+        cells = _cells(row, references.get(row.model), symbolic, tolerance)
         cells += ["—"] * (len(columns) - len(cells))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -512,7 +537,7 @@ def render(
         f"{run.load[1]:.2f} after), `torch.set_num_threads({run.threads})`, torch "
         f"{torch.__version__}; glibc `malloc` "
         + ("told to keep freed memory." if run.kept_memory else "as it comes.")
-        + " No GPU rows.",
+        + " No GPU was lent to this run, so there are no GPU rows.",
         f"- train step: forward, backward, SGD (lr 0) at `max_drop={MAX_DROP}`, linear schedule, "
         "random weights, dropout 0; three variants from the same weights (the same parameter "
         "tensors): *no drop* (not injected), *mask* (`skip_compute=False`), *skip* "
@@ -538,22 +563,29 @@ def render(
         "so a *no* close to the line is not a verdict.",
         "",
     ]
+    symbolic_column, tolerance = None, 0.0
     if run.symbolic:
         lines += [
             "This run's `branch` rows with `skip_compute=True` are the symbolic-trace path itself "
             "(recorded below for later runs to compare with).",
             "",
         ]
-        symbolic_column = None
-    else:
-        symbolic_column = symbolic
+    elif symbolic is not None:
+        symbolic_column, tolerance = symbolic, drift(rows, symbolic) or 0.0
+        lines += [
+            "*symbolic path → now*: the median skip / no drop of the stored symbolic-path run "
+            "(below) and of this one. Runs differ in load: *slower* only by more than "
+            f"{tolerance:.2f}, the largest change of the median *mask / no drop* (the same "
+            "work in both runs) between them.",
+            "",
+        ]
     for granularity in GRANULARITIES:
         chosen = [row for row in rows if row.granularity == granularity]
         if chosen:
             lines += [
                 f"## Granularity `{granularity}`",
                 "",
-                *_table(chosen, references, symbolic_column),
+                *_table(chosen, references, symbolic_column, tolerance),
                 "",
             ]
     if symbolic is not None:
