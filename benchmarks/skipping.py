@@ -60,7 +60,6 @@ MAX_DROP = 0.5  # the 2016 paper's setting
 TARGET = 0.9  # the share of the ideal saving batch and fixed modes must reach
 MODES: tuple[Mode, ...] = ("batch", "fixed", "row")
 GRANULARITIES: tuple[GranularityName, ...] = ("branch", "block")
-VARIANTS = ("none", "mask", "skip")
 CPU = torch.device("cpu")
 RESULTS = Path(__file__).with_name("SKIPPING.md")
 SYMBOLIC = Path(__file__).with_name("skipping_symbolic.json")
