@@ -47,6 +47,8 @@ class Skipper:
     name: str
     switch: Switchable
     demote: Callable[[str], None]
+    #: where a fully dropped branch's code fails on an empty batch: run it on one row instead
+    one_row: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -56,6 +58,7 @@ class _Skipping:
     plan: BranchUnits | SkipPlan
     rows: BranchRows | None = None
     block_index: int | None = None  # the layer skipped whole that holds the site
+    note: str = ""  # how the branch runs besides its plan (one row when fully dropped)
 
 
 def _kept_rows_plan(units: BranchUnits, mode: Mode, gather_batch_norm: bool) -> SkipPlan:
@@ -84,6 +87,8 @@ class BranchDrops:
         self.blocks = blocks
         self.sites: dict[str, _Skipping] = {}
         for planned, units in zip(plan.sites, plan_branch_units(plan), strict=True):
+            if isinstance(units, BranchUnits) and units.inline_reads and mode != "batch":
+                units = SkipPlan(SkipCompute.MASKS, units.inline_reads)  # batch gathers nothing
             if isinstance(planned.attachment, Attachment):
                 self.sites[planned.attachment.module] = _Skipping(units)
         paths = {
@@ -166,7 +171,7 @@ class BranchDrops:
         """What skips, for the check at injection: each branch running on its kept rows (by
         the module its DropPath is attached to), and each layer skipped whole."""
         found = [
-            Skipper(module, s.rows, partial(self.demote, module))
+            Skipper(module, s.rows, partial(self.demote, module), partial(self._one_row, module))
             for module, s in self.sites.items()
             if s.rows is not None
         ]
@@ -180,6 +185,12 @@ class BranchDrops:
                 for index, layer in self.blocks.skips.items()
             ]
         return found
+
+    def _one_row(self, module: str, reason: str) -> None:
+        skipping = self.sites[module]
+        assert skipping.rows is not None
+        skipping.rows.one_row_when_dropped = True
+        skipping.note = reason
 
     def _demote_layer(self, index: int, reason: str) -> None:
         assert self.blocks is not None
@@ -199,10 +210,11 @@ class BranchDrops:
                     SkipCompute.MASKS,
                     "a drop path already there draws its own decisions (existing='keep')",
                 )
-        plan = self.sites[attachment.module].plan
-        if isinstance(plan, BranchUnits):
-            return _kept_rows_plan(plan, self.mode, self.gather_batch_norm)
-        return plan
+        skipping = self.sites[attachment.module]
+        if isinstance(skipping.plan, BranchUnits):
+            kept = _kept_rows_plan(skipping.plan, self.mode, self.gather_batch_norm)
+            return replace(kept, reason=skipping.note) if skipping.note else kept
+        return skipping.plan
 
     def annotate(self, sites: list[Site], attachments: list[Attachment | None]) -> list[Site]:
         """The report lines with each site's ``SkipPlan``."""

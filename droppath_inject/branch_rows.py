@@ -9,7 +9,7 @@ decision of the branch's gate (``BranchRows``):
   attention mask: first dimension the batch, not computed from the model's state alone) are
   gathered to the kept rows; arguments computed in the branch hold them already. The branch's
   DropPath (``BlockDropPath``) scales the kept rows and puts them back in place, zeros
-  elsewhere (``BranchRows.put_back``);
+  elsewhere (``BranchRows.put_back``). Gathered rows and zeros keep a channels_last layout;
 - every row dropped: no unit runs. A unit returns an empty output like the one it gives for
   arguments shaped the same (learned once per shape from one row, in eval mode, without
   gradients; the check at injection learns the example's); the DropPath returns zeros
@@ -57,6 +57,7 @@ class BranchRows:
         self.mode = mode
         self.gather_batch_norm = gather_batch_norm
         self.enabled = True
+        self.one_row_when_dropped = False  # its code fails on an empty batch: run one row
         self._decision: Tensor | None = None
         self._rows: Tensor | None = None
         self._gathering = False  # a unit has gathered rows for the decision in flight
@@ -79,6 +80,8 @@ class BranchRows:
         if scale is not self._decision:
             self._decision, self._gathering = scale, False
             self._rows = self._decide(scale)
+            if self.one_row_when_dropped and self._rows is not None and not self._rows.shape[0]:
+                self._rows = torch.zeros(1, dtype=torch.long, device=self.gate.device)
         return self._rows
 
     def _decide(self, scale: Tensor) -> Tensor | None:
@@ -134,7 +137,7 @@ class BranchRows:
         if rows is None or x.shape[0] != rows.shape[0] or x.shape[0] == batch:
             return None
         scale = self.gate.scale
-        out = x.new_zeros((batch, *x.shape[1:]))
+        out = _zeros_shaped_like(x, batch)
         if rows.shape[0]:
             kept_scale = scale.to(x.device).index_select(0, rows).to(x.dtype)
             kept = x * kept_scale.view(-1, *([1] * (x.ndim - 1)))
@@ -143,12 +146,33 @@ class BranchRows:
         return out if zero is None else out + zero.to(x.dtype)
 
 
+def _channels_last(x: Tensor) -> torch.memory_format | None:
+    """The channels_last format ``x`` is strided in, if any (an empty slice keeps its source's
+    strides, so a branch that kept no row still tells)."""
+    if x.ndim in (4, 5) and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(-1) == x.shape[1]:
+        return torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+    return None
+
+
+def _zeros_shaped_like(x: Tensor, batch: int) -> Tensor:
+    """Zeros of ``batch`` rows in ``x``'s dtype and memory format: a channels_last branch keeps
+    its layout, as the mask's output does, so the convolutions after it run as they would."""
+    out = x.new_zeros((batch, *x.shape[1:]))
+    fmt = _channels_last(x)
+    return out if fmt is None else out.contiguous(memory_format=fmt)
+
+
+def _rows_of(x: Tensor, rows: Tensor) -> Tensor:
+    """``x``'s rows ``rows``, in its memory format (``index_select`` makes it contiguous)."""
+    return x[rows] if _channels_last(x) is not None else x.index_select(0, rows)
+
+
 def _split(value: Any, rows: Tensor, batch: int, unit: BranchUnit) -> Any:
     """``value`` with its per-sample tensors gathered by ``rows``."""
     if isinstance(value, Tensor):
         if value.ndim == 0 or value.shape[0] != batch:
             return value  # computed in the branch (kept rows already), broadcast, or no batch
-        return value.index_select(0, rows)
+        return _rows_of(value, rows)
     if isinstance(value, (tuple, list)):
         split = [_split(v, rows, batch, unit) for v in value]
         return type(value)(split) if type(value) in (tuple, list) else split
@@ -175,7 +199,7 @@ def _without_caches(value: Any) -> Any:
 def _one_row(tensor: Tensor) -> Tensor:
     """A value of the branch holding no rows, as one row of zeros (for its shape only)."""
     if tensor.ndim and tensor.shape[0] == 0:
-        return tensor.new_zeros((1, *tensor.shape[1:]))
+        return _zeros_shaped_like(tensor, 1)
     return tensor
 
 

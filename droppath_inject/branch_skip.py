@@ -11,6 +11,9 @@ fully dropped branch calls none of its units.
 That is sound when every per-sample value from outside the branch enters it through a unit's
 arguments. One read inline, by the forward's own Python (``x + fc(x) * t`` with a per-sample
 ``t``), would meet the kept rows with all of them: the site masks, and ``SkipPlan`` says why.
+So does a site whose DropPath acts on a module called inside one of its units (a hook on
+``attn.proj`` where the unit is ``attn``): a fully dropped branch does not call the unit, so the
+DropPath would never put its zeros in place.
 What the captured graph cannot show (a size read off a tensor outside the branch and used
 inside it) the forced-decision check at injection catches (``skip_verify``).
 """
@@ -41,6 +44,7 @@ class BranchUnits:
     units: tuple[str, ...]
     scope: str
     batch_norms: bool  # a BatchNorm runs in some unit
+    inline_reads: str = ""  # a per-sample value read inline: rows cannot be gathered (why)
 
 
 def _attached_values(site: ResidualSite, attachment: Attachment) -> list[fx.Node]:
@@ -139,6 +143,8 @@ class _Planner:
             )
         units: dict[str, None] = {}
         entries: set[str] = set()  # units reading values from outside the branch
+        inline_reads = ""  # why rows cannot be gathered (batch mode gathers none)
+        full_rows: set[fx.Node] = set()  # inline ops before any unit: they see every row
         tail = set(site.branch_region) | {site.add}
         for node in site.branch_region:
             if node not in region:
@@ -152,10 +158,15 @@ class _Planner:
                     f"{_describe(node)} is read outside the rows the branch runs on (after its "
                     "DropPath, or by another stream)",
                 )
-            for value in node.all_input_nodes:
-                if value in region or value not in self.data:
-                    continue
-                if unit is not None and value not in self.inside.get(unit, ()):
+            outside = [
+                v
+                for v in node.all_input_nodes
+                if v in self.data and (v not in region or v in full_rows)
+            ]
+            if unit is not None:
+                for value in outside:
+                    if value in self.inside.get(unit, ()):
+                        continue
                     entries.add(unit)
                     if batch_dim_of(value) not in (0, None):
                         return SkipPlan(
@@ -163,14 +174,14 @@ class _Planner:
                             f"{_describe(value)} enters the branch with its samples in dimension "
                             f"{batch_dim_of(value)}, where rows are gathered in dimension 0",
                         )
-                    continue
-                if unit is None:
-                    return SkipPlan(
-                        SkipCompute.MASKS,
-                        f"{_describe(value)} enters the branch inline, in "
-                        f"{site.owner or 'the model'}'s forward, where no module call can "
-                        "gather its rows",
-                    )
+            elif not any(v in region and v not in full_rows for v in node.all_input_nodes):
+                full_rows.add(node)  # computed before any unit, from outside values: all rows
+            elif outside and not inline_reads:
+                inline_reads = (
+                    f"{_describe(outside[0])} enters the branch inline, in "
+                    f"{site.owner or 'the model'}'s forward, where no module call can "
+                    "gather its rows"
+                )
         if not units:
             return SkipPlan(SkipCompute.MASKS, "no module call computes the branch")
         paths = []
@@ -188,6 +199,14 @@ class _Planner:
             # whatever rows it is given, and is no unit
         if not paths:
             return SkipPlan(SkipCompute.MASKS, "no module call of the branch runs once")
+        for module in attachment.modules:
+            outer = next((p for p in paths if module.startswith(p + ".")), None)
+            if outer is not None:
+                return SkipPlan(
+                    SkipCompute.MASKS,
+                    f"its DropPath acts on {module}, called inside {outer}, which a fully "
+                    "dropped branch does not run",
+                )
         scope = self._scope(site, region)
         if scope is None:
             return SkipPlan(
@@ -198,7 +217,7 @@ class _Planner:
             for path in paths
             for m in self.run.modules[path].modules()
         )
-        return BranchUnits(tuple(paths), scope, batch_norms)
+        return BranchUnits(tuple(paths), scope, batch_norms, inline_reads)
 
     def _scope(self, site: ResidualSite, region: set[fx.Node]) -> str | None:
         """The innermost module call holding the add and the whole branch, called once."""

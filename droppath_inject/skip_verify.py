@@ -181,6 +181,13 @@ def check_skipping(model: nn.Module, inputs: ExampleInputs, branches: BranchDrop
                 for skipper in list(skippers):
                     alone, error = _compare(model, inputs, skippers, [skipper])
                     forwards += 2
+                    if alone > TOLERANCE and keep is _dropped and skipper.one_row is not None:
+                        skipper.one_row(
+                            "a fully dropped branch runs one row, its code fails on an empty "
+                            f"batch ({error or f'differs by {alone:.2g}'})"
+                        )
+                        alone, error = _compare(model, inputs, skippers, [skipper])
+                        forwards += 2
                     if alone <= TOLERANCE:
                         worst = max(worst, alone)
                         continue

@@ -38,7 +38,6 @@ DOCUMENTED_CALLS = [
     "drop_rates",
     "find_residuals",
     "inject_droppath",
-    "injected_blocks",
     "remove_droppath",
     "set_drop_rates",
 ]

@@ -171,8 +171,9 @@ def test_fixed_skip_equals_mask_on_the_same_rows(name: str) -> None:
 
 
 def test_branch_granularity_skips_on_exactly_k_rows_and_equals_the_mask() -> None:
-    """The symbolic path's SkippingDropPath in fixed mode: each branch of timm's blocks sees
-    the k rows its rate gives (hooks count them), and matches the mask under the same seed."""
+    """Branch granularity in fixed mode: each branch of timm's blocks (its units run on the
+    kept rows) sees the k rows its rate gives (hooks count them), and matches the mask under
+    the same seed."""
     original, args, kwargs = vit()
     small = example(args, kwargs)
     masked = inject_droppath(copy.deepcopy(original), 0.5, mode="fixed", example_inputs=small)
@@ -181,7 +182,7 @@ def test_branch_granularity_skips_on_exactly_k_rows_and_equals_the_mask() -> Non
     )
     seen: dict[str, list[int]] = {}
     for index, block in enumerate(skipping.blocks):
-        for part in ("attn", "mlp"):  # their first linear layers: the trace inlines the rest
+        for part in ("attn", "mlp"):  # their first linear layers, inside the units
             rows = seen.setdefault(f"{index}.{part}", [])
             first = block.attn.qkv if part == "attn" else block.mlp.fc1
             first.register_forward_pre_hook(

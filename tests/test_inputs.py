@@ -3,7 +3,6 @@ the shape came from), meta-device models, and the symbolic path's skipped module
 
 from __future__ import annotations
 
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -170,11 +169,11 @@ def test_verify_on_the_meta_device_says_how_to_fix_it() -> None:
     assert not any("drop_path" in name for name, _ in model.named_modules())  # restored
 
 
-# --- the symbolic path: containers are not "not traceable" ----------------------------------
+# --- no inferable input: find_residuals needs one too ---------------------------------------
 
 
 class MatMul(nn.Module):
-    """A weight no input can be inferred from: find_residuals traces symbolically."""
+    """A weight no input can be inferred from (no conv, linear or embedding layer)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -207,9 +206,21 @@ class Containers(nn.Module):
         return self.heads["a"](x)
 
 
-def test_containers_that_are_never_called_are_not_reported_as_untraceable() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report = find_residuals(Containers())
-    assert len(report.sites) == 2
-    assert [s.module for s in report.skipped] == [""]  # the model itself, not blocks or heads
+def test_find_residuals_without_an_inferable_input_says_to_pass_one() -> None:
+    """With no input given or inferable, the dry run fails as injection does (the symbolic
+    trace it fell back on is gone), naming the model and the argument to pass."""
+    model = Containers()
+    with pytest.raises(ExampleInputError) as raised:
+        find_residuals(model)
+    message = str(raised.value)
+    assert "cannot infer an example input for Containers" in message
+    assert "pass example_inputs=" in message
+
+
+def test_containers_and_data_dependent_branches_run_when_captured() -> None:
+    """Given an input, the run goes through the data-dependent ``if`` that stopped symbolic
+    tracing: both residuals of the ModuleList's blocks are found, nothing is left untouched."""
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    report = find_residuals(Containers(), example_inputs=x)
+    assert [s.owner for s in report.sites] == ["blocks.0", "blocks.1"]
+    assert report.skipped == []

@@ -21,11 +21,11 @@ from droppath_inject import (
     DropPathScheduler,
     DropPathWarning,
     inject_droppath,
-    injected_blocks,
     remove_droppath,
     set_drop_rates,
 )
-from droppath_inject.block_gate import BlockDropPath, LayerGate
+from droppath_inject.block_gate import BlockDropPath, LayerGate, ResidualGate
+from droppath_inject.branch_rows import units_of
 from droppath_inject.granularity import BlockHandling, Granularity
 from droppath_inject.layer_drop import skips_of
 
@@ -127,7 +127,14 @@ def test_skip_matches_mask(family: str, mode: str) -> None:
     proven = ldm.FAMILIES[family][2]
     handled = {b.handling for b in report.layer_drop.blocks}
     assert handled == ({BlockHandling.SKIPPED} if proven else {BlockHandling.SHARED})
-    assert all(b.reason.startswith("masked") for b in report.layer_drop.blocks if not proven)
+    # a layer that cannot skip whole (post-norm BERT, timm's ResNet blocks) skips its branches
+    assert all(
+        b.reason.startswith("its branches skip on their own (the layer as a whole cannot: ")
+        for b in report.layer_drop.blocks
+        if not proven
+    )
+    units = units_of(skipping)
+    assert bool(units) == (not proven)
     assert [type(m) for m in skipping.modules()] == [type(m) for m in masked.modules()]
     assert skipping.state_dict().keys() == model.state_dict().keys()
     for seed in range(4):
@@ -141,6 +148,12 @@ def test_skip_matches_mask(family: str, mode: str) -> None:
     assert len(skips) == (ldm.LAYERS if proven else 0)
     assert all(s.masked_calls == 0 for s in skips)
     assert not proven or mode == "row" or sum(s.skipped_calls for s in skips) > 0
+    rows = {id(u.branch): u.branch for u in units.values()}.values()
+    assert all(b.masked_calls == 0 for b in rows)
+    if rows and mode == "batch":
+        assert sum(b.skipped_calls for b in rows) > 0
+    if rows and mode == "row" and family != "timm_resnet":  # BatchNorm trains there: masked
+        assert sum(b.gathered_calls for b in rows) > 0
 
 
 @pytest.mark.parametrize(("bias", "batch"), [("parameter", 2), ("table", 2), ("expanded", 3)])
@@ -313,8 +326,14 @@ def test_report_says_granularity_and_branch_default_is_unchanged() -> None:
     assert "granularity block" in str(report)
     _, default = inject(copy.deepcopy(model), inputs, granularity="branch")
     assert default.layer_drop is None and not gates(model)
-    traced, _ = inject(copy.deepcopy(model), None, granularity="branch", skip_compute=True)
-    assert injected_blocks(traced)  # the symbolic pipeline, as before
+    branches, report = inject(copy.deepcopy(model), inputs, granularity="branch", skip_compute=True)
+    # one decision per branch: a ResidualGate on each block, no layer's gate
+    assert report.layer_drop is None
+    found = gates(branches)
+    assert found and all(isinstance(g, ResidualGate) for g in found.values())
+    units = units_of(branches)  # timm's Block: x + ls1(attn(norm1(x))), x + ls2(mlp(norm2(x)))
+    expected = ("norm1", "attn", "ls1", "norm2", "mlp", "ls2")
+    assert list(units) == [f"blocks.{i}.{n}" for i in range(len(model.blocks)) for n in expected]
     with pytest.raises(ValueError, match="granularity"):
         inject(copy.deepcopy(model), inputs, granularity="layer")
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from droppath_inject import DropPath, DropPathWarning, SiteStatus, inject_droppath
 from droppath_inject.granularity import BlockHandling
+from droppath_inject.report import SkipCompute
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -296,10 +297,10 @@ def test_moe_layer_skipping_never_raises(mode: str) -> None:
     assert len(warned) == (1 if masked or unattached or report.skipped else 0)
 
 
-def test_skip_compute_warns_when_layers_mask() -> None:
-    """A post-norm BERT layer cannot skip (a norm follows its last add): with
-    ``skip_compute=True`` every one of its layers runs masked, which main said only in
-    ``report.layer_drop``; now one DropPathWarning counts them."""
+def test_post_norm_bert_layers_skip_their_branches() -> None:
+    """A post-norm BERT layer cannot skip whole (a norm follows its last add), so main ran it
+    masked under ``granularity="block", skip_compute=True``; now each of its branches (in
+    ``BertAttention`` and in the layer) skips on its own, and nothing is warned about."""
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
         vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
@@ -307,10 +308,46 @@ def test_skip_compute_warns_when_layers_mask() -> None:
     )  # fmt: skip
     model = transformers.BertModel(config)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, report = inject_droppath(
+            model, 0.2, example_inputs=ids, granularity="block", skip_compute=True,
+            return_report=True,
+        )  # fmt: skip
+    assert not [w for w in caught if issubclass(w.category, DropPathWarning)]
     layers = config.num_hidden_layers
-    with pytest.warns(DropPathWarning, match=f"{layers} of {layers} blocks") as caught:
-        inject_droppath(model, 0.2, example_inputs=ids, granularity="block", skip_compute=True)
-    assert sum(issubclass(w.category, DropPathWarning) for w in caught) == 1
+    assert len(report.sites) == 2 * layers  # the attention's and the feed-forward's add
+    assert {s.skip_compute.how for s in report.sites if s.skip_compute} == {SkipCompute.KEPT_ROWS}
+    assert report.layer_drop is not None
+    assert [b.module for b in report.layer_drop.blocks] == [
+        f"encoder.layer.{i}" for i in range(layers)
+    ]
+    assert all(b.reason.startswith("its branches skip on their own") for b in
+               report.layer_drop.blocks)  # fmt: skip
+
+
+@pytest.mark.parametrize("granularity", ["branch", "block"])
+def test_skip_compute_warns_once_when_sites_mask(granularity: str) -> None:
+    """A sequence-first ``nn.TransformerEncoder`` holds the samples in dimension 1, where no
+    rows of dimension 0 can be run: every site masks, and one DropPathWarning counts them."""
+    model = _encoder(batch_first=False, norm_first=True)
+    assert not model.layers[0].self_attn.batch_first
+    sites = 2 * len(model.layers)
+    with pytest.warns(DropPathWarning) as caught:
+        _, report = inject_droppath(
+            model, 0.5, example_inputs=_sequence(batch_first=False), skip_compute=True,
+            granularity=granularity, return_report=True,  # type: ignore[arg-type]
+        )  # fmt: skip
+    warned = [str(w.message) for w in caught if issubclass(w.category, DropPathWarning)]
+    assert len(warned) == 1
+    assert warned[0].startswith(
+        f"skip_compute=True, but {sites} of {sites} residual sites of TransformerEncoder still "
+        "compute their dropped branches, masked (layers.0.self_attn: the branch holds the "
+        "samples in another dimension than 0"
+    )
+    assert len(report.sites) == sites
+    assert all(s.skip_compute is not None and s.skip_compute.how is SkipCompute.MASKS
+               for s in report.sites)  # fmt: skip
 
 
 def test_an_unbatched_input_draws_no_decision() -> None:

@@ -13,14 +13,15 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import skip_ddp_scenarios as scenarios
 from helpers.distributed import launch
 from helpers.skipping_checks import (
     MAX_DROP,
     SEEDS,
     branch_rows,
+    branches,
     build,
     skipping_drops,
-    statuses,
 )
 from torch import nn
 
@@ -31,6 +32,8 @@ from droppath_inject import (
     remove_droppath,
     set_drop_rates,
 )
+from droppath_inject.branch_rows import units_of
+from droppath_inject.report import SkipCompute
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,11 +45,13 @@ def test_second_injection_updates_rates() -> None:
     """Calling inject_droppath again updates the skipping DropPaths' rates, never nests."""
     model, x = build("layer_norm_mlp")
     inject_droppath(model, 0.2, skip_compute=True, example_inputs=x)
-    count = len(skipping_drops(model))
+    count, units = len(skipping_drops(model)), len(units_of(model))
     _, report = inject_droppath(model, 0.4, skip_compute=True, example_inputs=x, return_report=True)
     assert len(report.sites) == count
-    assert statuses(report) == {(SiteStatus.RE_RATED, None)}
+    assert {s.status for s in report.sites} == {SiteStatus.RE_RATED}
+    assert {s.skip_compute.how for s in report.sites if s.skip_compute} == {SkipCompute.KEPT_ROWS}
     assert len(skipping_drops(model)) == count
+    assert len(units_of(model)) == units  # no unit wrapped twice
     assert max(d.drop_prob for d in skipping_drops(model).values()) == pytest.approx(0.4)
 
 
@@ -61,9 +66,11 @@ def test_set_drop_rates_and_remove_droppath() -> None:
     set_drop_rates(model, 1.0, schedule="uniform")
     with branch_rows(model) as seen:
         model.train()(x)
-    assert all(calls == [] for calls in seen.values())
+    assert seen and all(calls == [0] for calls in seen.values())
     remove_droppath(model)
     assert not any(isinstance(m, DropPath) for m in model.modules())
+    assert not units_of(model)
+    assert not any("forward" in vars(m) for m in model.modules())
     assert [type(b) for b in model.blocks] == [type(b) for b in original.blocks]
     model.eval()
     original.eval()
@@ -86,9 +93,13 @@ def test_copies_behave_alike(copier: Callable[[nn.Module], nn.Module], mode: str
     inject_droppath(model, MAX_DROP, mode=mode, skip_compute=True, example_inputs=x)
     copied = copier(model)
     for net in (model, copied):
-        own = {id(p) for p in net.parameters()}
-        drops = skipping_drops(net).values()
-        assert drops and all(id(p) in own for d in drops for p in d.branch.parameters())
+        own = dict(net.named_modules())
+        units = units_of(net)
+        assert units and all(own[path] is unit.module for path, unit in units.items())
+        for drop in skipping_drops(net).values():  # DropPaths and units share one decision
+            assert drop.branch_rows is not None and drop.branch_rows.gate is drop.gate
+            assert all(any(u is m for m in own.values()) for u in drop.branch_rows.units)
+        assert set(map(id, branches(net).values())) == {id(u.branch) for u in units.values()}
     model.eval()
     copied.eval()
     assert torch.equal(model(x), copied(x))
@@ -113,31 +124,31 @@ def test_copies_behave_alike(copier: Callable[[nn.Module], nn.Module], mode: str
 @functools.cache
 def _ddp_results() -> tuple[dict[str, Any], ...]:
     """Run ``helpers/skip_ddp_scenarios.py`` as two gloo ranks; each rank's results."""
-    return tuple(launch("skip_ddp_scenarios", world_size=2, timeout_s=90))
+    return tuple(launch("skip_ddp_scenarios", world_size=2, timeout_s=120))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["batch", "row"])
-def test_ddp_with_find_unused_parameters(mode: str) -> None:
-    """Skipped branches leave parameters unused; with find_unused_parameters DDP trains on."""
-    ranks = [r[f"{mode}, find_unused_parameters=True"] for r in _ddp_results()]
+@pytest.mark.parametrize("mode", scenarios.MODES)
+def test_ddp_without_find_unused_parameters(mode: str) -> None:
+    """Dropped branches run none of their units, yet their parameters get zero gradients: DDP
+    trains without ``find_unused_parameters``, the ranks (which drop different branches) stay
+    in sync, and equal a one-process replay averaging each rank's gradients."""
+    ranks = [r[mode] for r in _ddp_results()]
     for result in ranks:
         assert result["error"] is None
-        assert result["steps"] == 6 and result["changed"]
-        # some step skipped a branch on this rank (its parameters got no gradient there)
-        assert any(len(ran) < result["branches"] for ran in result["ran"])
-    assert ranks[0]["ran"] != ranks[1]["ran"]  # the ranks skipped different branches
-    assert ranks[0]["digest"] == ranks[1]["digest"]  # and still hold the same parameters
-
-
-@pytest.mark.slow
-def test_ddp_without_find_unused_parameters_fails() -> None:
-    """Without find_unused_parameters, the step after a skipped branch raises DDP's error."""
-    for result in _ddp_results():
-        result = result["batch, find_unused_parameters=False"]
-        assert len(result["ran"][0]) < result["branches"]  # step 0 skipped a branch
-        assert result["steps"] == 1
-        assert result["error"].startswith(
-            "RuntimeError: Expected to have finished reduction in the prior iteration"
-        )
-        assert "find_unused_parameters=True" in result["error"]
+        assert result["steps"] == scenarios.STEPS
+        rows = result["rows"]
+        assert len(rows) == 4 and all(len(calls) <= scenarios.STEPS for calls in rows)
+        # some branch dropped every row in some step on this rank (its unit did not run)
+        assert any(len(calls) < scenarios.STEPS for calls in rows)
+        if mode == "row":  # and some ran on the kept rows only
+            assert any(0 < n < scenarios.BATCH for calls in rows for n in calls)
+    assert ranks[0]["rows"] != ranks[1]["rows"]  # the ranks dropped differently
+    first, second = ranks[0]["parameters"], ranks[1]["parameters"]
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    expected = scenarios.reference_parameters(mode, 2)
+    initial = dict(scenarios.build(mode).named_parameters())
+    assert not all(torch.equal(first[k], initial[k]) for k in first)
+    for name, value in expected.items():
+        torch.testing.assert_close(first[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -23,14 +23,12 @@ from helpers.skipping_checks import (
     skipping_drops,
     statuses,
 )
+from test_skipping import RelBiasMaskedNet, key_padding_mask
 from torch import Tensor, nn
 
-from droppath_inject import (
-    DropPath,
-    SiteStatus,
-    inject_droppath,
-)
-from droppath_inject.skipping import SkipCompute, SkipPlan
+from droppath_inject import DropPath, SiteStatus, inject_droppath
+from droppath_inject.branch_rows import units_of
+from droppath_inject.report import SkipCompute
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -102,11 +100,15 @@ class BatchCentered(nn.Module):
 
 
 def test_batch_mixing_branch_is_not_gathered() -> None:
-    """A branch that reduces over the batch must keep the mask (or be refused), not gather."""
+    """A branch that reduces over the batch must keep the mask, not gather: ``x - x.mean(0)``
+    is computed in the block's own forward, where no module call can gather its rows."""
     torch.manual_seed(0)
     model, x = sm.token_net([BatchCentered(), BatchCentered()]), torch.randn(6, sm.TOKENS, sm.DIM)
-    masked, skipping, _ = injected_pair(model, x, "row", 0.9)
-    compare_training(masked, skipping, x)
+    masked, skipping, report = injected_pair(model, x, "row", 0.9)
+    assert {s.skip_compute.how for s in report.sites if s.skip_compute} == {SkipCompute.MASKS}
+    assert all("inline" in s.skip_compute.reason for s in report.sites if s.skip_compute)
+    assert not skipping_drops(skipping)
+    compare_training(masked, skipping, x, bitwise=True)
 
 
 class SizeFromSkip(nn.Module):
@@ -121,48 +123,47 @@ class SizeFromSkip(nn.Module):
         return (x.reshape(b, -1) + self.f(x.reshape(b, -1))).reshape(x.shape)
 
 
-INTO_SKIP = "in-place add into the skip"
-
-
 class InplaceSkipResidual(sm.PlainResidual):
-    """``x.clone().add_(f(x))``: the add writes into the skip, which the branch must not touch."""
+    """``x.clone().add_(f(x))``: the add writes into (a copy of) the skip."""
 
     def forward(self, x: Tensor) -> Tensor:
         return x.clone().add_(self.f(x))
 
 
+INLINE = "enters the branch inline"
+
+
 @pytest.mark.parametrize(
-    ("block", "mode", "status", "work"),
+    ("block", "mode", "how", "reason", "work"),
     [
-        (lambda: sm.InplaceBranchResidual(sm.mlp()), "row", SkipPlan(SkipCompute.KEPT_ROWS),
-         "rows"),
-        (lambda: sm.InplaceBranchResidual(sm.mlp()), "batch",
-         SkipPlan(SkipCompute.SKIPS_DROPPED_BLOCKS), "blocks"),
-        (lambda: InplaceSkipResidual(sm.mlp()), "row", SkipPlan(SkipCompute.MASKS, INTO_SKIP),
-         "all"),
-        (lambda: InplaceSkipResidual(sm.mlp()), "batch", SkipPlan(SkipCompute.MASKS, INTO_SKIP),
-         "all"),
-        (SizeFromSkip, "row",
-         SkipPlan(SkipCompute.MASKS_IN_ROW_MODE, "the branch reads sizes computed outside it"),
-         "all"),
-        (SizeFromSkip, "batch", SkipPlan(SkipCompute.SKIPS_DROPPED_BLOCKS), "blocks"),
+        (lambda: sm.InplaceBranchResidual(sm.mlp()), "row", SkipCompute.KEPT_ROWS, "", "rows"),
+        (lambda: sm.InplaceBranchResidual(sm.mlp()), "batch", SkipCompute.KEPT_ROWS, "",
+         "blocks"),
+        (lambda: InplaceSkipResidual(sm.mlp()), "row", SkipCompute.KEPT_ROWS, "", "rows"),
+        (lambda: InplaceSkipResidual(sm.mlp()), "batch", SkipCompute.KEPT_ROWS, "", "blocks"),
+        (SizeFromSkip, "row", SkipCompute.MASKS, INLINE, "all"),
+        (SizeFromSkip, "batch", SkipCompute.KEPT_ROWS, "", "blocks"),
     ],
     ids=["inplace-branch-row", "inplace-branch-batch", "inplace-skip-row", "inplace-skip-batch",
          "sizes-row", "sizes-batch"],
 )  # fmt: skip
 def test_cut_plan_fallbacks(
-    block: Callable[[], nn.Module], mode: str, status: SkipPlan, work: Work
+    block: Callable[[], nn.Module], mode: str, how: SkipCompute, reason: str, work: Work
 ) -> None:
     """The report says how each branch runs; where the mask is kept, it says why.
 
-    An in-place add into the branch's own result is cut like a plain add (nothing else reads
-    that result); one into the skip keeps the mask, since later readers of the skip see the sum.
-    """
+    An in-place add into the branch's own result, or into a copy of the skip, runs on the
+    DropPath's output, whose rows are all in place: the branch skips. A branch reading a size
+    of the skip inline (``x.reshape(b, -1)``) would meet the kept rows with all of them in row
+    mode; batch mode gathers no rows, so it skips dropped branches there."""
     torch.manual_seed(0)
     model = sm.Net(nn.Linear(sm.DIM, sm.DIM), [block(), block()], nn.Identity())
     x = torch.randn(6, sm.TOKENS, sm.DIM)
     masked, skipping, report = injected_pair(model, x, mode, schedule="uniform")
-    assert statuses(report) == {(SiteStatus.INJECTED, status)}
+    assert {s.status for s in report.sites} == {SiteStatus.INJECTED}
+    plans = [s.skip_compute for s in report.sites]
+    assert all(p is not None and p.how is how and reason in p.reason for p in plans), plans
+    assert bool(skipping_drops(skipping)) == (how is not SkipCompute.MASKS)
     if skipping_drops(skipping):
         check_work(masked, skipping, x, work)
     compare_training(masked, skipping, x, bitwise=work != "rows")
@@ -182,6 +183,29 @@ def test_nested_residual_blocks_keep_their_drop_paths(mode: str) -> None:
     torch.manual_seed(0)
     model.train()(x)
     assert sorted(called) == sorted(drops)
+
+
+def test_a_drop_path_inside_a_unit_masks_and_says_why() -> None:
+    """The key mask is reshaped inside the attention, so the DropPath goes on ``attn.proj``,
+    inside the branch's unit ``attn``: a fully dropped branch would not call it. The plan masks
+    that site with the reason, and the check at injection needs no extra forwards."""
+    torch.manual_seed(0)
+    model = RelBiasMaskedNet()
+    inputs = (torch.randn(6, sm.TOKENS, sm.DIM), key_padding_mask(6))
+    _, skipping, report = injected_pair(model, inputs, "row")
+    attn = [s for s in report.sites if ".attn" in s.attached_to]
+    mlps = [s for s in report.sites if s not in attn]
+    assert [s.attached_to for s in attn] == [f"blocks.{i}.attn.proj" for i in range(3)]
+    for site in attn:
+        assert site.skip_compute is not None and site.skip_compute.how is SkipCompute.MASKS
+        owner = site.attached_to.removesuffix(".proj")
+        assert f"called inside {owner}," in site.skip_compute.reason
+    assert mlps and all(
+        s.skip_compute is not None and s.skip_compute.how is SkipCompute.KEPT_ROWS for s in mlps
+    )
+    assert report.skip_check is not None
+    assert report.skip_check.demoted == 0 and report.skip_check.forwards == 4
+    assert not any(".attn" in path for path in units_of(skipping))
 
 
 def test_report_injected_lists_skipping_sites() -> None:

@@ -517,11 +517,15 @@ def test_model_without_known_input_layer_needs_example_inputs() -> None:
 
 
 def test_model_without_known_input_layer_with_verify_false() -> None:
-    """verify=False still needs one run; the dry run without any input traces symbolically."""
+    """verify=False still needs one run, and so does the dry run: both say to pass an input;
+    given one, the dry run finds both residuals."""
     model = seeded(param_only_net)()
     with pytest.raises(ExampleInputError, match="example_inputs"):
         inject_droppath(model, MAX_DROP, verify=False)
-    assert [s.owner for s in find_residuals(model).sites] == ["blocks.0", "blocks.1"]
+    with pytest.raises(ExampleInputError, match="cannot infer an example input for Net"):
+        find_residuals(model)
+    report = find_residuals(model, example_inputs=vectors())
+    assert [s.owner for s in report.sites] == ["blocks.0", "blocks.1"]
 
 
 def test_branch_no_module_computes_is_reported_not_rewritten() -> None:

@@ -1,35 +1,33 @@
-"""The DistributedDataParallel scenarios of ``test_skipping.py`` (the symbolic pipeline).
+"""DistributedDataParallel over skipping branches (``granularity="branch"``), for
+``test_skipping_control.py``.
 
-Run by ``helpers.distributed.launch("skip_ddp_scenarios")``; ``run_rank`` returns the result
-of each scenario. A small residual net is injected with ``skip_compute=True`` at a high
-rate, so whole branches are skipped and their parameters get no gradient in many steps, then
-trained for a few steps under DDP over gloo, with and without ``find_unused_parameters``.
+Run by ``helpers.distributed.launch("skip_ddp_scenarios")``; ``run_rank`` returns each
+scenario's result. A small residual net is injected with ``skip_compute=True`` at a high rate,
+so whole branches drop and their units do not run in many steps, then trained for a few steps
+under DDP over gloo WITHOUT ``find_unused_parameters``: a dropped branch's parameters get zero
+gradients, so every rank reduces every gradient. The ranks are seeded differently, so they
+drop different branches. ``reference_parameters`` replays the same training in one process.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from droppath_inject import inject_droppath
-from droppath_inject.skipping import SkippingDropPath
+from droppath_inject.branch_rows import units_of
 from helpers import synthetic_models as sm
+from helpers.distributed import average_rank_gradients
 
 STEPS = 6
-BATCH = 2
-MAX_DROP = 0.9
-
-#: (name, mode, find_unused_parameters, seed the ranks differently). The scenario expected to
-#: fail comes last: a failed DDP iteration leaves the process group in no state to go on.
-SCENARIOS = (
-    ("batch, find_unused_parameters=True", "batch", True, True),
-    ("row, find_unused_parameters=True", "row", True, True),
-    ("batch, find_unused_parameters=False", "batch", False, False),
-)
+BATCH = 4
+MAX_DROP = 0.7
+LR = 0.1
+BASE_SEED = 100
+MODES = ("batch", "row")
 
 
 def build(mode: str) -> nn.Module:
@@ -43,48 +41,68 @@ def build(mode: str) -> nn.Module:
     return model
 
 
-def digest(model: nn.Module) -> str:
-    """A hash of every parameter's bytes: equal on all ranks exactly when they are in sync."""
-    sha = hashlib.sha256()
-    for _, param in sorted(model.named_parameters()):
-        sha.update(param.detach().contiguous().numpy().tobytes())
-    return sha.hexdigest()
+def data(rank: int, step: int) -> Tensor:
+    generator = torch.Generator().manual_seed(1000 + 100 * rank + step)
+    return torch.randn(BATCH, sm.TOKENS, sm.DIM, generator=generator)
 
 
-def run(mode: str, find_unused: bool, seed_by_rank: bool, rank: int) -> dict[str, Any]:
-    """Train ``STEPS`` steps; record which branches ran, the first error, the parameters' hash."""
+def loss(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x).square().mean()
+
+
+def rows_seen(model: nn.Module) -> list[list[int]]:
+    """Per branch, the rows its first linear layer computes on, one entry per call (a pre-hook
+    on a module inside the branch's MLP unit: it does not run when the branch drops all)."""
+    seen: list[list[int]] = []
+    for path in units_of(model):
+        mlp = model.get_submodule(path)
+        if isinstance(mlp, nn.Sequential):
+            calls: list[int] = []
+            seen.append(calls)
+            mlp[0].register_forward_pre_hook(
+                lambda _m, args, calls=calls: calls.append(args[0].shape[0])
+            )
+    return seen
+
+
+def run(mode: str, rank: int) -> dict[str, Any]:
+    """Train ``STEPS`` steps under DDP; the rows each branch ran on, the first error, the
+    parameters after."""
     model = build(mode)
-    drops = [m for m in model.modules() if isinstance(m, SkippingDropPath)]
-    calls: list[int] = []
-    for index, drop in enumerate(drops):
-        first = next(n for n in drop.branch.graph.nodes if n.op == "call_module")
-        drop.branch.get_submodule(str(first.target)).register_forward_pre_hook(
-            lambda _m, _a, i=index: calls.append(i)
-        )
-    before = digest(model)
-    ddp = DistributedDataParallel(model, find_unused_parameters=find_unused)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    torch.manual_seed(100 + rank)
-    data = torch.randn(STEPS, BATCH, sm.TOKENS, sm.DIM)
-    result: dict[str, Any] = {"steps": 0, "error": None, "ran": []}
+    seen = rows_seen(model)
+    ddp = DistributedDataParallel(model)  # find_unused_parameters=False
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=LR)
+    torch.manual_seed(BASE_SEED + rank)
+    result: dict[str, Any] = {"steps": 0, "error": None}
     for step in range(STEPS):
-        torch.manual_seed(1000 * step + (rank if seed_by_rank else 0))
-        calls.clear()
         try:
             optimizer.zero_grad()
-            ddp(data[step]).square().mean().backward()
+            loss(ddp, data(rank, step)).backward()
             optimizer.step()
         except RuntimeError as error:
             result["error"] = f"{type(error).__name__}: {error}"
             break
-        finally:
-            result["ran"].append(sorted(set(calls)))
         result["steps"] += 1
-    result["changed"] = digest(model) != before
-    result["digest"] = digest(model)
-    result["branches"] = len(drops)
+    result["rows"] = seen
+    result["parameters"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return result
 
 
 def run_rank(rank: int, world_size: int) -> dict[str, Any]:
-    return {name: run(*config, rank) for name, *config in SCENARIOS}
+    return {mode: run(mode, rank) for mode in MODES}
+
+
+def reference_parameters(mode: str, world_size: int) -> dict[str, Tensor]:
+    """The same training in one process: each rank's RNG stream replayed, gradients averaged."""
+    model = build(mode)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    states = []
+    for rank in range(world_size):
+        torch.manual_seed(BASE_SEED + rank)
+        states.append(torch.get_rng_state())
+    model.train()
+    for step in range(STEPS):
+        average_rank_gradients(model, states, lambda rank, step=step: loss(model, data(rank, step)))
+        optimizer.step()
+        optimizer.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
