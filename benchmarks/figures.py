@@ -22,10 +22,12 @@ from torch import Tensor, fx, nn
 
 from droppath_inject import inject_droppath
 from droppath_inject.inputs import ExampleInputs, run_eval
+from droppath_inject.report import Report
 from droppath_inject.verify import verify_eval
 
 from .memory import MemoryUse, memory_use
 from .models import ModelSpec, ScalingFamily
+from .sites import skips
 from .timing import Stat, interleaved, ratios, time_call
 
 #: Variants: the plain model, it injected, timm's native drop path, skip_compute, and a deep
@@ -179,26 +181,25 @@ class TrainStep:
 
 def _train_variants(
     spec: ModelSpec, base: nn.Module, x: Tensor, settings: Settings
-) -> dict[str, nn.Module]:
-    """The plain model, it injected (with and without skip_compute), timm's native model."""
+) -> tuple[dict[str, nn.Module], Report]:
+    """The plain model, it injected (with and without skip_compute), timm's native model;
+    the report of the skip_compute injection."""
     variants = {PLAIN: base}
     variants[INJECTED] = _inject(copy.deepcopy(base), x, settings)
     if spec.native:
         native = _seeded(lambda: spec.build(settings.image_size, settings.max_drop), settings)
         native.load_state_dict(base.state_dict())
         variants[NATIVE] = native
-    variants[SKIP] = _inject(copy.deepcopy(base), x, settings, skip_compute=True)
-    return variants
+    variants[SKIP], report = inject_droppath(
+        copy.deepcopy(base), settings.max_drop, example_inputs=x, skip_compute=True,
+        return_report=True,
+    )  # fmt: skip
+    return variants, report
 
 
-def _rows_skipped(model: nn.Module) -> tuple[int, int]:
-    """(sites that compute kept rows only in train mode, all injected sites)."""
-    from droppath_inject import DropPath
-
-    drops = [m for m in model.modules() if isinstance(m, DropPath)]
-    cut = [m for m in drops if getattr(m, "branch", None) is not None]
-    rows = [m for m in cut if m.per_sample is not None and not m.batch_norms]
-    return len(rows), len(drops)
+def _rows_skipped(report: Report) -> tuple[int, int]:
+    """(sites that compute kept rows only in train mode, all sites)."""
+    return sum(skips(site) for site in report.sites), len(report.sites)
 
 
 def measure_model(spec: ModelSpec, settings: Settings) -> ModelResult:
@@ -206,7 +207,7 @@ def measure_model(spec: ModelSpec, settings: Settings) -> ModelResult:
     base = _seeded(lambda: spec.build(settings.image_size), settings)
     x = settings.input()
     injection = measure_injection(base, x, settings)
-    variants = _train_variants(spec, base, x, settings)
+    variants, skip_report = _train_variants(spec, base, x, settings)
     device, reps = settings.device, settings.reps
 
     evals = {name: _forward(variants[name].eval(), x) for name in (PLAIN, INJECTED)}
@@ -238,7 +239,7 @@ def measure_model(spec: ModelSpec, settings: Settings) -> ModelResult:
         eval_memory,
         train_times,
         train_memory,
-        _rows_skipped(variants[SKIP]),
+        _rows_skipped(skip_report),
     )
 
 

@@ -318,7 +318,10 @@ have random weights, built under one seed; every variant of a model shares weigh
    timm's model built with `drop_path_rate=0.1`, same weights (torchvision ResNet has none, so
    only the plain anchor applies). *skip_compute*: `inject_droppath(max_drop=0.1,
    skip_compute=True)`, where dropped samples' branches are not computed, beyond the targets
-   (branches holding a BatchNorm that trains fall back to the mask, so ResNets gain nothing).
+   (branches holding a BatchNorm that trains fall back to the mask, so ResNets gain nothing);
+   the skipping column counts the sites whose report says they skip in training
+   (`benchmarks/sites.py`). Skipping at `max_drop=0.5`, both granularities and all modes, against
+   the mask and the FLOP-ideal: `python -m benchmarks.skipping` (`benchmarks/SKIPPING.md`).
    *timm native / plain* is a control: the spread between two model objects that run no
    injected code. Each repetition seeds the RNG identically for every variant. The masks of
    `droppath_inject` and timm differ under one seed (`rand < keep` against `bernoulli_`), but
