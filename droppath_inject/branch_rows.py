@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import DropPathInjectError, DropPathWarning
+from .instance_forward import InstanceForward, previous_forward, shadow, unshadow
 from .internals import BATCH_NORM_BASE, tree_flatten, tree_map_tensors
 from .layer_skip import zero_term
 from .layers import Mode
@@ -218,7 +219,7 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]
     return (str(spec), described)
 
 
-class BranchUnit:
+class BranchUnit(InstanceForward):
     """The instance ``forward`` of one unit of a branch that runs on its kept rows."""
 
     def __init__(
@@ -228,9 +229,8 @@ class BranchUnit:
         previous: Callable[..., Any] | None,
         shared: frozenset[int | str],
     ) -> None:
-        self.module = module
+        super().__init__(module, previous)
         self.branch = branch
-        self.previous = previous
         self.shared = shared  # argument positions and keywords holding the model's state
         self.layer_index = layer_index(module)
         self.empty: dict[tuple[Any, ...], Any] = {}
@@ -239,11 +239,6 @@ class BranchUnit:
         state = dict(vars(self))
         state["empty"] = {}
         return state
-
-    def run(self, *args: Any, **kwargs: Any) -> Any:
-        if self.previous is not None:
-            return self.previous(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rows = self.branch.rows()
@@ -301,21 +296,14 @@ def install(
     module: nn.Module, branch: BranchRows, shared: frozenset[int | str] = frozenset()
 ) -> BranchUnit:
     """Put a ``BranchUnit`` in front of ``module.forward``; ``uninstall`` takes it out."""
-    unit = BranchUnit(module, branch, vars(module).get("forward"), shared)
-    vars(module)["forward"] = unit
+    unit = BranchUnit(module, branch, previous_forward(module), shared)
+    shadow(module, unit)
     return unit
 
 
 def uninstall(module: nn.Module) -> bool:
     """Remove a ``BranchUnit`` from ``module`` (restoring an earlier instance forward)."""
-    unit = vars(module).get("forward")
-    if not isinstance(unit, BranchUnit):
-        return False
-    if unit.previous is None:
-        del vars(module)["forward"]
-    else:
-        vars(module)["forward"] = unit.previous
-    return True
+    return unshadow(module, BranchUnit)
 
 
 def units_of(model: nn.Module) -> dict[str, BranchUnit]:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .block_gate import LayerGate
 from .errors import DropPathInjectError, DropPathWarning
+from .instance_forward import InstanceForward, previous_forward, shadow, unshadow
 from .internals import tree_leaves
 from .layers import gather_rows
 from .row_caches import fillable_by_rows, is_cache, layer_index
@@ -117,7 +118,7 @@ def _fsdp_inner(module: nn.Module) -> str | None:
     return None
 
 
-class LayerSkip:
+class LayerSkip(InstanceForward):
     """The instance ``forward`` of a block that may be skipped (see the module docstring).
 
     ``structure`` is the output seen on the last full call: None (a tensor), or the length of
@@ -134,9 +135,8 @@ class LayerSkip:
         gather_batch_norm: bool,
         shared: frozenset[int | str] = frozenset(),
     ) -> None:
-        self.module = module
+        super().__init__(module, previous)
         self.gate = gate
-        self.previous = previous
         self.batch_norms = batch_norms
         self.gather_batch_norm = gather_batch_norm
         self.shared = shared  # positions and keywords of arguments never gathered by rows
@@ -149,11 +149,6 @@ class LayerSkip:
         self.conditional_calls = 0  # compiled batch-mode calls deciding inside torch.cond
         self.last_refusal = ""
         self.enabled = True  # off: the same decisions run masked (the check at injection)
-
-    def run(self, *args: Any, **kwargs: Any) -> Any:
-        if self.previous is not None:
-            return self.previous(*args, **kwargs)
-        return type(self.module).forward(self.module, *args, **kwargs)
 
     def _full(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         output = self.run(*args, **kwargs)
@@ -331,19 +326,11 @@ def install(
     shared: frozenset[int | str] = frozenset(),
 ) -> LayerSkip:
     """Shadow ``module.forward`` with a ``LayerSkip``; ``uninstall`` puts it back."""
-    previous = vars(module).get("forward")
-    skip = LayerSkip(module, gate, previous, batch_norms, gather_batch_norm, shared)
-    vars(module)["forward"] = skip
+    skip = LayerSkip(module, gate, previous_forward(module), batch_norms, gather_batch_norm, shared)
+    shadow(module, skip)
     return skip
 
 
 def uninstall(module: nn.Module) -> bool:
     """Remove a ``LayerSkip`` from ``module`` (restoring an earlier instance forward)."""
-    skip = vars(module).get("forward")
-    if not isinstance(skip, LayerSkip):
-        return False
-    if skip.previous is None:
-        del vars(module)["forward"]
-    else:
-        vars(module)["forward"] = skip.previous
-    return True
+    return unshadow(module, LayerSkip)
