@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,12 +38,7 @@ from .layer_skip import zero_term
 from .layers import Mode
 from .python_state import python_state_kept, training_mode
 from .row_caches import fillable_by_rows, is_cache, layer_index
-
-_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
-
-
-class Refused(Exception):
-    """Internal: an argument cannot be split by rows."""
+from .row_split import Refused, gather_rows, is_plain, split_arguments, zero_rows_like
 
 
 class BranchRows:
@@ -138,7 +134,7 @@ class BranchRows:
         if rows is None or x.shape[0] != rows.shape[0] or x.shape[0] == batch:
             return None
         scale = self.gate.scale
-        out = _zeros_shaped_like(x, batch)
+        out = zero_rows_like(x, batch)
         if rows.shape[0]:
             kept_scale = scale.to(x.device).index_select(0, rows).to(x.dtype)
             kept = x * kept_scale.view(-1, *([1] * (x.ndim - 1)))
@@ -147,47 +143,9 @@ class BranchRows:
         return out if zero is None else out + zero.to(x.dtype)
 
 
-def _channels_last(x: Tensor) -> torch.memory_format | None:
-    """The channels_last format ``x`` is strided in, if any (an empty slice keeps its source's
-    strides, so a branch that kept no row still tells)."""
-    if x.ndim in (4, 5) and x.shape[1] > 1 and x.stride(1) == 1 and x.stride(-1) == x.shape[1]:
-        return torch.channels_last if x.ndim == 4 else torch.channels_last_3d
-    return None
-
-
-def _zeros_shaped_like(x: Tensor, batch: int) -> Tensor:
-    """Zeros of ``batch`` rows in ``x``'s dtype and memory format: a channels_last branch keeps
-    its layout, as the mask's output does, so the convolutions after it run as they would."""
-    out = x.new_zeros((batch, *x.shape[1:]))
-    fmt = _channels_last(x)
-    return out if fmt is None else out.contiguous(memory_format=fmt)
-
-
-def _rows_of(x: Tensor, rows: Tensor) -> Tensor:
-    """``x``'s rows ``rows``, in its memory format (``index_select`` makes it contiguous)."""
-    return x[rows] if _channels_last(x) is not None else x.index_select(0, rows)
-
-
-def _split(value: Any, rows: Tensor, batch: int, unit: BranchUnit) -> Any:
-    """``value`` with its per-sample tensors gathered by ``rows``."""
-    if isinstance(value, Tensor):
-        if value.ndim == 0 or value.shape[0] != batch:
-            return value  # computed in the branch (kept rows already), broadcast, or no batch
-        return _rows_of(value, rows)
-    if isinstance(value, (tuple, list)):
-        split = [_split(v, rows, batch, unit) for v in value]
-        return type(value)(split) if type(value) in (tuple, list) else split
-    if isinstance(value, dict):
-        return {k: _split(v, rows, batch, unit) for k, v in value.items()}
-    if isinstance(value, _PLAIN):
-        return value
-    if is_cache(value) and fillable_by_rows(value, unit.layer_index):
-        return value
-    raise Refused(f"an argument of type {type(value).__name__} cannot be split by rows")
-
-
 def _without_caches(value: Any) -> Any:
-    """``value`` with the caches among its arguments (or their elements) replaced by None."""
+    """``value`` with the caches among its arguments (or their elements) replaced by None,
+    walking the containers ``row_split.split`` walks (a cache may be a pytree node)."""
     if is_cache(value):
         return None
     if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
@@ -200,7 +158,7 @@ def _without_caches(value: Any) -> Any:
 def _one_row(tensor: Tensor) -> Tensor:
     """A value of the branch holding no rows, as one row of zeros (for its shape only)."""
     if tensor.ndim and tensor.shape[0] == 0:
-        return _zeros_shaped_like(tensor, 1)
+        return zero_rows_like(tensor, 1)
     return tensor
 
 
@@ -212,7 +170,7 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]
         (tuple(v.shape[1:]), v.dtype, v.device)
         if isinstance(v, Tensor)
         else v
-        if isinstance(v, _PLAIN)
+        if is_plain(v)
         else type(v)
         for v in leaves
     )
@@ -262,13 +220,15 @@ class BranchUnit(InstanceForward):
         self, args: tuple[Any, ...], kwargs: dict[str, Any], rows: Tensor
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         batch = self.branch.gate.batch
-        inner_args = tuple(
-            a if i in self.shared else _split(a, rows, batch, self) for i, a in enumerate(args)
-        )
-        inner_kwargs = {
-            k: v if k in self.shared else _split(v, rows, batch, self) for k, v in kwargs.items()
-        }
-        return inner_args, inner_kwargs
+
+        def take(value: Tensor) -> Tensor:
+            # computed in the branch (kept rows already), broadcast, or no batch: as it is
+            if value.ndim == 0 or value.shape[0] != batch:
+                return value
+            return gather_rows(value, rows)
+
+        fillable = partial(fillable_by_rows, index=self.layer_index)
+        return split_arguments(args, kwargs, self.shared, take, fillable)
 
     def _empty_output(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """What the unit returns for no rows, learned once per argument shape: its output for

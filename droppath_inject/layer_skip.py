@@ -37,53 +37,29 @@ from .block_gate import LayerGate
 from .errors import DropPathInjectError, DropPathWarning
 from .instance_forward import InstanceForward, previous_forward, shadow, unshadow
 from .internals import tree_leaves
-from .layers import gather_rows
-from .row_caches import fillable_by_rows, is_cache, layer_index
+from .row_caches import fillable_by_rows, layer_index
+from .row_split import Refused, gather_rows, is_plain, split_arguments
 
 
-class Refused(Exception):
-    """Internal: this call cannot skip safely, so it runs masked instead."""
-
-
-def _plain(value: object) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device))
-
-
-def _gather(value: Any, rows: Tensor, batch: int, fillable: Callable[[object], bool]) -> Any:
-    """``value`` with per-sample tensors gathered by ``rows``; broadcast ones (first dimension 1),
-    plain values and caches the kept rows may fill kept; anything whose layout is unclear
-    refuses."""
-    if isinstance(value, Tensor):
-        if value.ndim == 0 or (value.shape[0] == 1 and batch > 1):
-            return value
-        if value.shape[0] != batch:
-            if value.ndim == 1 or batch not in value.shape:
-                return value  # no batch dimension: a position index, a (T, T) mask
-            raise Refused(f"a tensor of shape {tuple(value.shape)} has the batch size elsewhere")
-        if batch in value.shape[1:] or value.ndim == 1:
-            raise Refused(f"a tensor of shape {tuple(value.shape)} is ambiguous")
-        return value.index_select(0, rows)
-    if isinstance(value, (tuple, list)):
-        gathered = [_gather(v, rows, batch, fillable) for v in value]
-        return type(value)(gathered) if type(value) in (tuple, list) else gathered
-    if isinstance(value, dict):
-        return {k: _gather(v, rows, batch, fillable) for k, v in value.items()}
-    if _plain(value):
+def _per_sample(value: Tensor, rows: Tensor, batch: int) -> Tensor:
+    """A block argument's kept rows: tensors with the batch first are gathered, broadcast ones
+    (first dimension 1) and ones without the batch size kept; a layout that is unclear (the
+    batch size elsewhere too) refuses."""
+    if value.ndim == 0 or (value.shape[0] == 1 and batch > 1):
         return value
-    if is_cache(value):
-        if fillable(value):
-            return value
-        raise Refused(
-            f"a {type(value).__name__} that holds this layer's keys already, or is read without "
-            "gradients, cannot be split by rows; pass use_cache=False in training"
-        )
-    raise Refused(f"an argument of type {type(value).__name__} cannot be split by rows")
+    if value.shape[0] != batch:
+        if value.ndim == 1 or batch not in value.shape:
+            return value  # no batch dimension: a position index, a (T, T) mask
+        raise Refused(f"a tensor of shape {tuple(value.shape)} has the batch size elsewhere")
+    if batch in value.shape[1:] or value.ndim == 1:
+        raise Refused(f"a tensor of shape {tuple(value.shape)} is ambiguous")
+    return value.index_select(0, rows)
 
 
 def _traceable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether ``torch.cond`` may take a call with these arguments: tensors and plain values
     only (a cache the block writes to is a side effect a branch may not have)."""
-    return all(isinstance(leaf, Tensor) or _plain(leaf) for leaf in tree_leaves((args, kwargs)))
+    return all(isinstance(leaf, Tensor) or is_plain(leaf) for leaf in tree_leaves((args, kwargs)))
 
 
 def _hidden_state(output: Any) -> Tensor:
@@ -267,21 +243,15 @@ class LayerSkip(InstanceForward):
             self._refuse("training BatchNorm: batch statistics would change")
             return self._full(args, kwargs)
         fillable = partial(fillable_by_rows, index=self.layer_index)
+        take = partial(_per_sample, rows=kept, batch=batch)
         try:
-            inner_args = (gather_rows(hidden, kept),) + tuple(
-                arg if i in self.shared else _gather(arg, kept, batch, fillable)
-                for i, arg in enumerate(args[1:], start=1)
-            )
-            inner_kwargs = {
-                key: value if key in self.shared else _gather(value, kept, batch, fillable)
-                for key, value in kwargs.items()
-            }
+            rest, inner_kwargs = split_arguments(args, kwargs, {0, *self.shared}, take, fillable)
         except Refused as refusal:
             self._refuse(str(refusal))
             return self._full(args, kwargs)
         self.gathered_calls += 1
         self.gate.scale = scale.index_select(0, kept)  # what the block's DropPaths now see
-        output = self.run(*inner_args, **inner_kwargs)
+        output = self.run(gather_rows(hidden, kept), *rest[1:], **inner_kwargs)
         kept_out = output if isinstance(output, Tensor) else output[0]
         dtype = torch.promote_types(hidden.dtype, kept_out.dtype)
         # out of place: a new tensor, the input itself is left as it was

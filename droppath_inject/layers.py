@@ -202,11 +202,3 @@ class DropPath(nn.Module):
         if self.batch_dim != 0:
             text += f", batch_dim={self.batch_dim}"
         return text if self.scale_by_keep else f"{text}, scale_by_keep=False"
-
-
-def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """``x.index_select(0, rows)`` in ``x``'s memory format (channels_last stays so)."""
-    gathered = x.index_select(0, rows)
-    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return gathered.contiguous(memory_format=torch.channels_last)
-    return gathered
