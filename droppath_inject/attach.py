@@ -32,8 +32,6 @@ from .capture import CapturedRun, ModuleOutput
 from .droppaths import is_drop_path_module, is_drop_path_slot
 from .graph_facts import (
     add_operands,
-    data_derived,
-    live_nodes,
     rejoins_add,
     stacked_terms,
     writes_back,
@@ -160,15 +158,15 @@ class _Planner:
     ) -> None:
         self.run = run
         self.joint = joint or {}
-        self.data = data_derived(run.graph)
-        self.live = live_nodes(run.graph)
-        self.inside = run.nodes_in_call()
+        self.data = run.data
+        self.live = run.live
+        self.inside = run.call_nodes
         self.input_batch_dims = first_input_batch_dims(run.graph)
 
     def _within(self, output: ModuleOutput, region: Collection[fx.Node]) -> bool:
         """Every data value the call computed that reaches the output lies in the branch region
         (dead ones, such as attention weights, an RNN's state or a cache write, do not count)."""
-        inside = self.inside.get(output.call.key, [])
+        inside = self.inside.get(output.call.key, set())
         return all(n in region for n in inside if n in self.data and n in self.live)
 
     def _carries(self, site: ResidualSite, output: ModuleOutput, region: set[fx.Node]) -> bool:
@@ -190,7 +188,7 @@ class _Planner:
                 module = self.run.modules[path]
                 if not path or isinstance(module, nn.Identity) or is_drop_path_module(module, path):
                     continue
-                ops = len(self.inside.get(output.call.key, []))
+                ops = len(self.inside.get(output.call.key, set()))
                 if ops >= size and self._within(output, region):
                     best, size = path, ops
         return best

@@ -28,7 +28,7 @@ from torch import fx, nn
 from .attach import Attachment
 from .batch_dims import batch_dim_of
 from .capture import CapturedRun
-from .graph_facts import data_derived, live_nodes, unaliased
+from .graph_facts import unaliased
 from .internals import BATCH_NORM_BASE
 from .plan import Plan, PlannedSite
 from .report import SkipCompute, SkipPlan
@@ -86,9 +86,9 @@ class _Planner:
 
     def __init__(self, run: CapturedRun, sites: Sequence[PlannedSite]) -> None:
         self.run = run
-        self.inside = {key: set(nodes) for key, nodes in run.nodes_in_call().items()}
-        self.data = data_derived(run.graph)
-        self.live = live_nodes(run.graph)
+        self.inside = run.call_nodes
+        self.data = run.data
+        self.live = run.live
         self.adds = {p.site.add for p in sites}
 
     def _within(self, key: str, region: set[fx.Node]) -> bool:

@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 
 from .batch_dims import record_batch_dims
+from .graph_facts import data_derived, live_nodes
 from .internals import call_tracked, tree_leaves
 
 _SIMPLE_ARGUMENTS = (
@@ -87,7 +89,8 @@ class ModuleOutput:
 class CapturedRun:
     """The data-flow graph of one eval run, the run's outputs, and the modules that took part.
 
-    ``call_counts`` counts the calls of each module path during the run.
+    ``call_counts`` counts the calls of each module path during the run. The facts every stage
+    reads (``data``, ``live``, ``call_nodes``) are computed once, on first use.
     """
 
     graph: fx.Graph
@@ -95,12 +98,23 @@ class CapturedRun:
     modules: dict[str, nn.Module]
     call_counts: Counter[str]
 
-    def nodes_in_call(self) -> dict[str, list[fx.Node]]:
+    @cached_property
+    def data(self) -> set[fx.Node]:
+        """Nodes computed from a forward argument (``graph_facts.data_derived``)."""
+        return data_derived(self.graph)
+
+    @cached_property
+    def live(self) -> set[fx.Node]:
+        """Nodes whose value reaches an output (``graph_facts.live_nodes``)."""
+        return live_nodes(self.graph)
+
+    @cached_property
+    def call_nodes(self) -> dict[str, set[fx.Node]]:
         """For each module call key, the op nodes recorded while it ran."""
-        inside: dict[str, list[fx.Node]] = {}
+        inside: dict[str, set[fx.Node]] = {}
         for node in self.graph.nodes:
             for key in node.meta.get("nn_module_stack", {}):
-                inside.setdefault(key, []).append(node)
+                inside.setdefault(key, set()).add(node)
         return inside
 
 

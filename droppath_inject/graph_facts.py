@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from torch import fx, nn
 
 from .droppaths import is_drop_path_module
 from .internals import BATCH_NORM_BASE, GROUPED_MATMULS, NATIVE_MULTI_HEAD_ATTENTION, NORM_BASE
+
+if TYPE_CHECKING:
+    from .capture import CapturedRun
 
 _ADD_FUNCTIONS = frozenset(
     {operator.add, operator.iadd, torch.add, torch.Tensor.add, torch.Tensor.add_}
@@ -222,14 +226,14 @@ def unaliased(node: fx.Node) -> fx.Node:
 class GraphFacts:
     """Per-graph lookups shared by every candidate add: topological index, tensor-ness, modules."""
 
-    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
-        self.nodes = list(graph.nodes)
+    def __init__(self, run: CapturedRun) -> None:
+        self.nodes = list(run.graph.nodes)
         self.index = {node: i for i, node in enumerate(self.nodes)}
-        self.modules = modules
+        self.modules = run.modules
         self.shapes_known = any("tensor_meta" in n.meta for n in self.nodes)
         self._tensor: dict[fx.Node, bool] = {}
-        self.data = data_derived(graph)  # nodes computed from a forward argument
-        self.live = live_nodes(graph)  # nodes whose value reaches the output
+        self.data = run.data  # nodes computed from a forward argument
+        self.live = run.live  # nodes whose value reaches the output
         self.parameters: set[fx.Node] = set()  # parameters and values computed from them alone
         for node in self.nodes:
             if node in self.data:

@@ -69,7 +69,7 @@ def make_plan(model: nn.Module, inputs: ExampleInputs) -> Plan:
         ExampleInputError: the model failed on ``inputs``.
     """
     run = _capture(model, inputs)
-    sites = find_sites(run.graph, run.modules)
+    sites = find_sites(run)
     attachments = plan_attachments(run, sites)
     stacks = LayerStacks((site.owner for site in sites), run.modules)
     branches = [_branch_module(s, a) for s, a in zip(sites, attachments, strict=True)]

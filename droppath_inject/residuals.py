@@ -15,8 +15,9 @@ import heapq
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from torch import fx, nn
+from torch import fx
 
+from .capture import CapturedRun
 from .droppaths import is_drop_path_module
 from .graph_facts import (
     GraphFacts,
@@ -379,14 +380,14 @@ def joint_regions(sites: Sequence[ResidualSite]) -> dict[ResidualSite, frozenset
     return joint
 
 
-def find_sites(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[ResidualSite]:
-    """Every residual add of ``graph`` in execution order (``modules`` by ``call_module`` path).
+def find_sites(run: CapturedRun) -> list[ResidualSite]:
+    """Every residual add of the captured ``run`` in execution order.
 
-    Shapes (``node.meta["tensor_meta"]``, from shape propagation or capture) are used when
-    present to reject broadcasting adds; without them the structural rules alone decide. A
-    weightless add nested in another residual's branch (ConvNeXt-V2's GRN) is not a site.
+    Shapes (``node.meta["tensor_meta"]``) are used when present to reject broadcasting adds;
+    without them the structural rules alone decide. A weightless add nested in another
+    residual's branch (ConvNeXt-V2's GRN) is not a site.
     """
-    facts = GraphFacts(graph, modules)
+    facts = GraphFacts(run)
     found = [_classify(facts, node) for node in facts.nodes if add_operands(node) is not None]
     parallel = {site.add for site in found if isinstance(site, _ParallelSum)}
     parallel.update(node for node in facts.nodes if stacked_terms(node) is not None)
