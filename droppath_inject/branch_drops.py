@@ -38,6 +38,9 @@ class Switchable(Protocol):
 
     enabled: bool
 
+    def reset_counts(self) -> None:
+        """Forget the calls counted so far (the check's own)."""
+
 
 @dataclass(frozen=True)
 class Skipper:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .errors import DropPathInjectError, DropPathWarning
 from .instance_forward import InstanceForward, previous_forward, shadow, unshadow
-from .internals import BATCH_NORM_BASE, tree_flatten, tree_map_tensors
+from .internals import batch_norms_in, tree_flatten, tree_map_tensors
 from .layer_skip import zero_term
 from .layers import Mode
 from .python_state import python_state_kept, training_mode
@@ -50,7 +50,7 @@ class BranchRows:
     ) -> None:
         self.gate = gate
         self.units = list(units)
-        self.batch_norms = [m for u in units for m in u.modules() if isinstance(m, BATCH_NORM_BASE)]
+        self.batch_norms = batch_norms_in(units)
         self.mode = mode
         self.gather_batch_norm = gather_batch_norm
         self.enabled = True
@@ -62,6 +62,9 @@ class BranchRows:
         self.gathered_calls = 0  # training calls that ran the units on some rows
         self.masked_calls = 0  # training calls that ran masked instead (``last_refusal``)
         self.last_refusal = ""
+
+    def reset_counts(self) -> None:
+        self.skipped_calls = self.gathered_calls = self.masked_calls = 0
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(vars(self))

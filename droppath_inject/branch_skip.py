@@ -23,13 +23,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from torch import fx, nn
+from torch import fx
 
 from .attach import Attachment
 from .batch_dims import batch_dim_of
 from .capture import CapturedRun
 from .graph_facts import unaliased
-from .internals import BATCH_NORM_BASE
+from .internals import batch_norms_in
 from .plan import Plan, PlannedSite
 from .report import SkipCompute, SkipPlan
 from .residuals import ResidualSite
@@ -212,11 +212,7 @@ class _Planner:
             return SkipPlan(
                 SkipCompute.MASKS, "no module call encloses the branch and its add once"
             )
-        batch_norms = any(
-            isinstance(m, BATCH_NORM_BASE)
-            for path in paths
-            for m in self.run.modules[path].modules()
-        )
+        batch_norms = bool(batch_norms_in(self.run.modules[path] for path in paths))
         return BranchUnits(tuple(paths), scope, batch_norms, inline_reads)
 
     def _scope(self, site: ResidualSite, region: set[fx.Node]) -> str | None:
@@ -235,7 +231,3 @@ def plan_branch_units(plan: Plan) -> list[BranchUnits | SkipPlan]:
     """For each planned site, in order: its units, or why it masks."""
     planner = _Planner(plan.run, plan.sites)
     return [planner.plan(planned) for planned in plan.sites]
-
-
-def unit_modules(model: nn.Module, units: BranchUnits) -> list[nn.Module]:
-    return [model.get_submodule(path) for path in units.units]

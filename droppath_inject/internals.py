@@ -22,6 +22,12 @@ NORM_BASE: type[nn.Module] = nn.modules.batchnorm._NormBase
 #: Base class of BatchNorm1d/2d/3d and SyncBatchNorm: the norms with batch statistics.
 BATCH_NORM_BASE: type[nn.Module] = nn.modules.batchnorm._BatchNorm
 
+
+def batch_norms_in(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """The BatchNorm modules in ``modules`` and their submodules."""
+    return [m for module in modules for m in module.modules() if isinstance(m, BATCH_NORM_BASE)]
+
+
 #: The fused attention ``nn.MultiheadAttention`` calls in eval; a weight-bearing op.
 NATIVE_MULTI_HEAD_ATTENTION: Callable[..., Any] = torch._native_multi_head_attention
 

@@ -25,7 +25,7 @@ from .branch_rows import uninstall as uninstall_unit
 from .granularity import BlockHandling, BlockLayerDrop, Granularity, LayerDropReport
 from .graph_facts import unaliased
 from .inputs import ExampleInputs, run_eval
-from .internals import BATCH_NORM_BASE, forward_pre_hooks, remove_forward_pre_hooks
+from .internals import batch_norms_in, forward_pre_hooks, remove_forward_pre_hooks
 from .layer_skip import LayerSkip, cond_refusal, install, uninstall
 from .layers import DropPath, Mode
 from .plan import Plan, PlannedSite
@@ -111,10 +111,6 @@ def _refuse_skipping(block: _Block, order: dict[fx.Node, int], returning_others:
     return ""
 
 
-def _has_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(m, BATCH_NORM_BASE) for m in module.modules())
-
-
 class BlockDrops:
     """Gives an ``Attacher`` block-shared DropPaths, installing gates (and skips) per block."""
 
@@ -153,7 +149,7 @@ class BlockDrops:
                 else:
                     block.handling = BlockHandling.SKIPPED
                     assert block.module is not None
-                    block.batch_norms = _has_batch_norm(plan.run.modules[block.module])
+                    block.batch_norms = bool(batch_norms_in([plan.run.modules[block.module]]))
         skipping = {
             b.module: b
             for b in self.blocks.values()

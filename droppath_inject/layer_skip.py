@@ -126,6 +126,10 @@ class LayerSkip(InstanceForward):
         self.last_refusal = ""
         self.enabled = True  # off: the same decisions run masked (the check at injection)
 
+    def reset_counts(self) -> None:
+        self.skipped_calls = self.gathered_calls = self.masked_calls = 0
+        self.conditional_calls = 0
+
     def _full(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         output = self.run(*args, **kwargs)
         if isinstance(output, Tensor):

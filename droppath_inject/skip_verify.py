@@ -199,6 +199,5 @@ def check_skipping(model: nn.Module, inputs: ExampleInputs, branches: BranchDrop
     for skipper, reason in failed:
         skipper.demote(reason)
     for skipper in skippers:
-        for counter in ("skipped_calls", "gathered_calls", "masked_calls"):
-            setattr(skipper.switch, counter, 0)
+        skipper.switch.reset_counts()
     return SkipCheck(len(skippers) + len(failed), len(failed), forwards, worst, TOLERANCE)
