@@ -68,6 +68,28 @@ def average_rank_gradients(
         parameter.grad = summed / len(rng_states)
 
 
+def replayed_parameters(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    seeds: list[int],
+    steps: int,
+    rank_loss: Callable[[int, int], Tensor],
+) -> dict[str, Tensor]:
+    """The parameters after ``steps`` data-parallel steps replayed in one process: each rank's
+    RNG stream seeded from ``seeds[rank]``, ``rank_loss(rank, step)`` per rank, gradients
+    averaged (``average_rank_gradients``), one optimizer step."""
+    states = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    model.train()
+    for step in range(steps):
+        average_rank_gradients(model, states, lambda rank, step=step: rank_loss(rank, step))
+        optimizer.step()
+        optimizer.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def launch(suite: str, world_size: int = 2, timeout_s: int = 300) -> list[dict[str, Any]]:
     """Run scenario module ``suite`` on ``world_size`` gloo ranks; each rank's results."""
     python_path = os.pathsep.join(

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from droppath_inject import DropPathInjectError, inject_droppath
 from droppath_inject.layer_drop import skips_of
 from helpers import layer_drop_models as ldm
-from helpers.distributed import average_rank_gradients
+from helpers.distributed import replayed_parameters
 
 COLLECTIVE_TIMEOUT_S = 60
 STEPS = 4
@@ -118,15 +118,7 @@ def reference_parameters(mode: str, world_size: int) -> dict[str, Tensor]:
     """The same training in one process: each rank's RNG stream replayed, gradients averaged."""
     model = build(mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    states = []
-    for rank in range(world_size):
-        torch.manual_seed(BASE_SEED + rank)
-        states.append(torch.get_rng_state())
-    model.train()
-    for step in range(STEPS):
-        average_rank_gradients(
-            model, states, lambda rank, step=step: loss(model, batch(rank, step))
-        )
-        optimizer.step()
-        optimizer.zero_grad()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    seeds = [BASE_SEED + rank for rank in range(world_size)]
+    return replayed_parameters(
+        model, optimizer, seeds, STEPS, lambda rank, step: loss(model, batch(rank, step))
+    )

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from droppath_inject import inject_droppath
 from droppath_inject.branch_rows import units_of
 from helpers import synthetic_models as sm
-from helpers.distributed import average_rank_gradients
+from helpers.distributed import replayed_parameters
 
 STEPS = 6
 BATCH = 4
@@ -96,13 +96,7 @@ def reference_parameters(mode: str, world_size: int) -> dict[str, Tensor]:
     """The same training in one process: each rank's RNG stream replayed, gradients averaged."""
     model = build(mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    states = []
-    for rank in range(world_size):
-        torch.manual_seed(BASE_SEED + rank)
-        states.append(torch.get_rng_state())
-    model.train()
-    for step in range(STEPS):
-        average_rank_gradients(model, states, lambda rank, step=step: loss(model, data(rank, step)))
-        optimizer.step()
-        optimizer.zero_grad()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    seeds = [BASE_SEED + rank for rank in range(world_size)]
+    return replayed_parameters(
+        model, optimizer, seeds, STEPS, lambda rank, step: loss(model, data(rank, step))
+    )
