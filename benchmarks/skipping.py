@@ -112,14 +112,15 @@ def _image(model: nn.Module, batch: int, side: int) -> Workload:
     return Workload(model, {"x": x}, _square, f"{batch}×3×{side}×{side}")
 
 
-def _vit(size: Size) -> Workload:
+def _vit_at(side: int, size: Size) -> Workload:
+    """vit_small on ``side``-pixel images; the smaller sizes cut its depth and input alike."""
     if size == "full":
-        return _image(timm.create_model("vit_small_patch16_224", img_size=96), 8, 96)
-    depth, width, side = (2, 384, 96) if size == "small" else (2, 48, 32)
+        return _image(timm.create_model("vit_small_patch16_224", img_size=side), 8, side)
+    depth, width, small_side = (2, 384, 96) if size == "small" else (2, 48, 32)
     model = timm.create_model(
-        "vit_small_patch16_224", img_size=side, depth=depth, embed_dim=width, num_heads=6
+        "vit_small_patch16_224", img_size=small_side, depth=depth, embed_dim=width, num_heads=6
     )
-    return _image(model, 8 if size == "small" else 4, side)
+    return _image(model, 8 if size == "small" else 4, small_side)
 
 
 def _resnet(size: Size) -> Workload:
@@ -128,11 +129,17 @@ def _resnet(size: Size) -> Workload:
     return _image(ResNet(Bottleneck, [1, 1, 1, 1]), 4, 32)  # resnet50's block, one per stage
 
 
+def _hf_size(size: Size) -> tuple[int, int]:
+    """Width and layers: BERT-small's published 4 × 512 (heads of 64), or a tiny pair."""
+    return (512, 4) if size == "full" else (64, 2)
+
+
 def _llama_config(size: Size) -> LlamaConfig:
-    width, layers = (256, 4) if size == "full" else (64, 2)
+    width, layers = _hf_size(size)
     return LlamaConfig(
         vocab_size=1024, hidden_size=width, intermediate_size=width * 8 // 3,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+        num_hidden_layers=layers, num_attention_heads=width // 64,
+        num_key_value_heads=width // 64,
         max_position_embeddings=128, attention_dropout=0.0,
     )  # fmt: skip
 
@@ -162,9 +169,10 @@ def _lora_llama(size: Size) -> Workload:
 
 
 def _bert(size: Size) -> Workload:
-    width, layers = (256, 4) if size == "full" else (64, 2)
+    width, layers = _hf_size(size)
     config = BertConfig(
-        vocab_size=1024, hidden_size=width, num_hidden_layers=layers, num_attention_heads=4,
+        vocab_size=1024, hidden_size=width, num_hidden_layers=layers,
+        num_attention_heads=width // 64,
         intermediate_size=width * 4, max_position_embeddings=128, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )  # fmt: skip
@@ -189,7 +197,8 @@ class Bench:
 BENCHES = {
     bench.name: bench
     for bench in (
-        Bench("vit_small", "timm vit_small_patch16_224", _vit),
+        Bench("vit_small_224", "timm vit_small_patch16_224", partial(_vit_at, 224)),
+        Bench("vit_small", "timm vit_small_patch16_224", partial(_vit_at, 96)),
         Bench("resnet50", "torchvision resnet50", _resnet),
         Bench("llama", "HF LlamaForCausalLM", _llama),
         Bench("bert", "HF BertModel", _bert),
@@ -552,6 +561,10 @@ def render(
         "the share of the ideal saving its un-injected step gets on the first half of the batch "
         "(time(B/2) / time(B) against the FLOP ratio, 0.5), timed the same way: how well its "
         "kernels scale down with rows on this machine.",
+        "- inputs: vit_small at its own 224×224 and at 96×96 (the size the symbolic path was "
+        "recorded at; 37 tokens: matmuls of k × 37 rows, where this CPU's kernels lose "
+        "efficiency as k falls); the Hugging Face models at BERT-small's published 4 layers × "
+        "512 (heads of 64); resnet50 at 64×64.",
         "- *skipping*: sites whose report says they skip (`Site.skip_compute`), and under block "
         "granularity blocks that skip. *graph breaks*: `torch._dynamo.explain` of the skip "
         "model's training forward on a smaller configuration (vit_small depth 2 at 8×3×96×96, "
